@@ -1,0 +1,85 @@
+"""Validation helpers shared by kgrad's public functions.
+
+Messages follow Keras's style: what happened, what was expected, how to fix
+it, and ``Received: ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+
+
+def closest(name: str, names: Iterable[str]) -> str:
+    """Returns a ``Did you mean ...?`` sentence for the nearest valid name, or ''."""
+    match = difflib.get_close_matches(str(name), list(names), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def check_callable(f: Any, fname: str) -> None:
+    if not callable(f):
+        raise TypeError(
+            f"`kgrad.func.{fname}` expects a callable to transform. "
+            f"Received: f={f!r} of type {type(f).__name__}."
+        )
+
+
+def check_argnums(argnums: Any, fname: str) -> tuple[int, ...]:
+    """Validates ``argnums`` (an int or a tuple of ints); returns it as a tuple."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if (
+        isinstance(argnums, bool)
+        or not isinstance(nums, tuple)
+        or not nums
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in nums)
+    ):
+        raise TypeError(
+            f"`argnums` of `kgrad.func.{fname}` must be an int or a non-empty tuple of "
+            f"ints. Received: argnums={argnums!r}."
+        )
+    return nums
+
+
+def check_args_for_argnums(args: tuple, nums: tuple[int, ...], fname: str) -> None:
+    for n in nums:
+        if not -len(args) <= n < len(args):
+            raise ValueError(
+                f"`kgrad.func.{fname}` was asked to differentiate with respect to "
+                f"positional argument {n}, but the function was called with only "
+                f"{len(args)} positional arguments. Received: argnums={n}. Pass the "
+                f"argument positionally, or change `argnums`."
+            )
+
+
+def dtype_name(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def check_float_leaves(leaves: Iterable[Any], fname: str, argname: str = "argument") -> None:
+    """Raises TypeError for integer or boolean values that are to be differentiated."""
+    for x in leaves:
+        dtype = dtype_name(x)
+        if not (dtype.startswith("float") or dtype.startswith("bfloat") or "complex" in dtype):
+            raise TypeError(
+                f"`kgrad.{fname}` requires real- or complex-valued inputs to "
+                f"differentiate with respect to, but got dtype {dtype} for an {argname} "
+                f"of shape {tuple(x.shape)}. Received: dtype={dtype}. Cast the input to "
+                f"a float dtype, or, for token ids fed to an Embedding layer, use "
+                f"`wrt='activations'` on the embedding layer instead."
+            )
+
+
+def check_scalar(value: Any, fname: str) -> None:
+    """Raises ValueError unless ``value`` is a scalar tensor."""
+    shape = getattr(value, "shape", None)
+    if shape is None or tuple(shape) != ():
+        shape_txt = tuple(shape) if shape is not None else type(value).__name__
+        raise ValueError(
+            f"`kgrad.func.{fname}` is only defined for scalar-output functions. Output had "
+            f"shape: {shape_txt}. Received: an output of shape {shape_txt}. Reduce the "
+            f"output to a scalar (e.g. `keras.ops.sum`), or use `jacrev`/`jacfwd`/`vjp` "
+            f"for non-scalar outputs."
+        )

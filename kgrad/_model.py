@@ -1,0 +1,79 @@
+"""A Keras model as a pure function of its weights and inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from kgrad import _errors
+
+
+def check_built(model: Any) -> None:
+    """Raises ValueError for a Keras layer or model that has no weights yet."""
+    if isinstance(model, keras.layers.Layer) and not model.built:
+        raise ValueError(
+            f"The model '{model.name}' is not built, so it has no weights to differentiate "
+            f"with respect to. Received: an unbuilt {type(model).__name__}. Build it first: "
+            f"call it once on a batch (`model(x)`), call `model.build(input_shape)`, or "
+            f"start it with `keras.Input(shape)`."
+        )
+
+
+def _paths(variables) -> list[str]:
+    paths = [v.path for v in variables]
+    if len(set(paths)) != len(paths):
+        dupes = sorted({p for p in paths if paths.count(p) > 1})
+        raise ValueError(
+            "kgrad keys weights by `variable.path`, but this model has several variables "
+            f"with the same path. Received: duplicated paths {dupes}. Give the layers "
+            "unique names."
+        )
+    return paths
+
+
+def weights_of(model: keras.layers.Layer, trainable: bool = True) -> dict[str, Any]:
+    """See :func:`kgrad.func.weights_of`."""
+    check_built(model)
+    variables = model.trainable_variables if trainable else model.variables
+    # Copies, so that later assignments (set_weights, optimizer steps) do not change
+    # them; a copy is differentiable, so autograd inside `fit` still reaches the
+    # variables on every backend.
+    return dict(zip(_paths(variables), (keras.ops.copy(v.value) for v in variables)))
+
+
+def stateless_apply(
+    model: keras.layers.Layer, weights: dict[str, Any], x: Any, training: bool = False
+) -> Any:
+    """See :func:`kgrad.func.functional_call`."""
+    check_built(model)
+    if not isinstance(weights, dict):
+        raise TypeError(
+            "`weights` must be a dict from `variable.path` to value, such as "
+            f"`kgrad.func.weights_of(model)`. Received: weights of type "
+            f"{type(weights).__name__}."
+        )
+    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+    known = _paths(list(trainable) + list(non_trainable))
+    unknown = [k for k in weights if k not in known]
+    if unknown:
+        raise ValueError(
+            f"`weights` has keys that are not variables of model '{model.name}'. Received: "
+            f"{unknown[:5]}.{_errors.closest(unknown[0], known)} Valid keys are the "
+            f"`variable.path` of `model.variables`, e.g. {known[:3]}."
+        )
+    for v in list(trainable) + list(non_trainable):
+        if v.path in weights:
+            shape = tuple(getattr(weights[v.path], "shape", ()))
+            if shape != tuple(v.shape):
+                raise ValueError(
+                    f"The value given for weight '{v.path}' has the wrong shape. Expected "
+                    f"{tuple(v.shape)}. Received: shape {shape}."
+                )
+    tv = [weights.get(v.path, v.value) for v in trainable]
+    ntv = [weights.get(v.path, v.value) for v in non_trainable]
+    if isinstance(model, keras.Model) or hasattr(model, "stateless_call"):
+        out, _ = model.stateless_call(tv, ntv, x, training=training)
+    else:  # pragma: no cover - every Keras 3 layer has stateless_call
+        raise TypeError(f"Cannot call {type(model).__name__} statelessly.")
+    return out

@@ -1,0 +1,25 @@
+"""kgrad's JAX backend: the JAX transforms themselves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+name = "jax"
+
+
+def convert(x):
+    """Turns NumPy arrays and Python numbers into ``jax.Array`` (tracers pass through)."""
+    if isinstance(x, jax.Array):
+        return x
+    return jnp.asarray(x)
+
+
+grad = jax.grad
+value_and_grad = jax.value_and_grad
+vjp = jax.vjp
+jvp = jax.jvp
+jacrev = jax.jacrev
+jacfwd = jax.jacfwd
+vmap = jax.vmap
+jit = jax.jit

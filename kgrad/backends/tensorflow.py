@@ -1,0 +1,294 @@
+"""kgrad's TensorFlow backend: JAX-style transforms built on tapes.
+
+Reverse mode uses ``tf.GradientTape``, forward mode
+``tf.autodiff.ForwardAccumulator`` and batching ``tf.vectorized_map`` (pfor,
+with a loop as fallback). Tapes nest, so every transform composes with the
+others to any order, inside and outside ``tf.function``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import tensorflow as tf
+
+name = "tensorflow"
+
+_ZERO = tf.UnconnectedGradients.ZERO
+tree = keras.tree
+
+
+def convert(x):
+    """Turns NumPy arrays, Python numbers and variables into ``tf.Tensor``."""
+    if isinstance(x, tf.Tensor):
+        return x
+    return tf.convert_to_tensor(x)
+
+
+def _argnums_tuple(argnums):
+    return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
+def _split_aux(out, has_aux):
+    if has_aux:
+        value, aux = out
+        return value, aux
+    return out, None
+
+
+def _with_diff_args(args, argnums):
+    """Converts the differentiated arguments; returns (args list, their leaves)."""
+    args = list(args)
+    leaves = []
+    for i in _argnums_tuple(argnums):
+        args[i] = tree.map_structure(convert, args[i])
+        leaves.append(tree.flatten(args[i]))
+    return args, leaves
+
+
+def _pack(argnums, args, flat_per_arg):
+    packed = tuple(
+        tree.pack_sequence_as(args[i], flat)
+        for i, flat in zip(_argnums_tuple(argnums), flat_per_arg)
+    )
+    return packed[0] if isinstance(argnums, int) else packed
+
+
+def _split(flat, sizes):
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start : start + n])
+        start += n
+    return out
+
+
+def value_and_grad(f, argnums=0, has_aux=False):
+    """Reverse mode with one ``tf.GradientTape`` per call."""
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        args, leaves = _with_diff_args(args, argnums)
+        flat = [leaf for group in leaves for leaf in group]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(flat)
+            out = f(*args, **kwargs)
+        value, aux = _split_aux(out, has_aux)
+        grads = tape.gradient(value, flat, unconnected_gradients=_ZERO)
+        g = _pack(argnums, args, _split(grads, [len(group) for group in leaves]))
+        return ((value, aux), g) if has_aux else (value, g)
+
+    return wrapped
+
+
+def grad(f, argnums=0, has_aux=False):
+    """The gradient part of :func:`value_and_grad`."""
+    inner = value_and_grad(f, argnums, has_aux)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        out, g = inner(*args, **kwargs)
+        return (g, out[1]) if has_aux else g
+
+    return wrapped
+
+
+def vjp(f, *primals, has_aux=False):
+    """Reverse mode with a persistent tape, so ``vjp_fn`` can be called many times."""
+    argnums = tuple(range(len(primals)))
+    args, leaves = _with_diff_args(primals, argnums)
+    flat = [leaf for group in leaves for leaf in group]
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        tape.watch(flat)
+        out = f(*args)
+    value, aux = _split_aux(out, has_aux)
+    out_flat = tree.flatten(value)
+
+    def vjp_fn(cotangent):
+        ct_flat = [tf.cast(convert(c), o.dtype) for c, o in zip(tree.flatten(cotangent), out_flat)]
+        grads = tape.gradient(out_flat, flat, output_gradients=ct_flat, unconnected_gradients=_ZERO)
+        return _pack(argnums, args, _split(grads, [len(group) for group in leaves]))
+
+    return (value, vjp_fn, aux) if has_aux else (value, vjp_fn)
+
+
+def jvp(f, primals, tangents, has_aux=False):
+    """Forward mode with ``tf.autodiff.ForwardAccumulator``."""
+    primals = [tree.map_structure(convert, p) for p in primals]
+    p_flat = tree.flatten(primals)
+    t_flat = [tf.cast(convert(t), p.dtype) for t, p in zip(tree.flatten(tangents), p_flat)]
+    with tf.autodiff.ForwardAccumulator(p_flat, t_flat) as acc:
+        out = f(*primals)
+    value, aux = _split_aux(out, has_aux)
+    tangent_out = tree.map_structure(lambda o: acc.jvp(o, unconnected_gradients=_ZERO), value)
+    return (value, tangent_out, aux) if has_aux else (value, tangent_out)
+
+
+def _tape_jacobian(tape, target, source):
+    try:
+        return tape.jacobian(target, source, unconnected_gradients=_ZERO)
+    except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
+        # pfor cannot convert some ops; a while loop always works.
+        return tape.jacobian(
+            target, source, unconnected_gradients=_ZERO, experimental_use_pfor=False
+        )
+
+
+def jacrev(f, argnums=0, has_aux=False):
+    """Reverse-mode Jacobian: ``tape.jacobian`` for every (output, input) leaf pair."""
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        args, leaves = _with_diff_args(args, argnums)
+        flat = [leaf for group in leaves for leaf in group]
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(flat)
+            out = f(*args, **kwargs)
+        value, aux = _split_aux(out, has_aux)
+
+        def per_output(o):
+            jac = [_tape_jacobian(tape, o, leaf) for leaf in flat]
+            return _pack(argnums, args, _split(jac, [len(group) for group in leaves]))
+
+        jac = tree.map_structure(per_output, value)
+        return (jac, aux) if has_aux else jac
+
+    return wrapped
+
+
+def jacfwd(f, argnums=0, has_aux=False):
+    """Forward-mode Jacobian: one ``jvp`` per input basis vector, batched with pfor."""
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        args, leaves = _with_diff_args(args, argnums)
+        nums = _argnums_tuple(argnums)
+        flat = [leaf for group in leaves for leaf in group]
+
+        def f_flat(*xs):
+            new = list(args)
+            for i, group in zip(nums, _split(list(xs), [len(g) for g in leaves])):
+                new[i] = tree.pack_sequence_as(args[i], group)
+            return f(*new, **kwargs)
+
+        out = f_flat(*flat)
+        value, aux = _split_aux(out, has_aux)
+        out_flat = tree.flatten(value)
+        columns = []  # per input leaf: list over outputs of out.shape + in.shape
+        for j, x in enumerate(flat):
+            n = x.shape.num_elements()
+            if n is None:  # dynamic shape inside tf.function
+                n = tf.size(x)
+                basis = tf.reshape(tf.eye(n, dtype=x.dtype), tf.concat([[n], tf.shape(x)], 0))
+            else:
+                basis = tf.reshape(tf.eye(n, dtype=x.dtype), (n, *x.shape))
+
+            def push(t, j=j):
+                tangents = [t if k == j else tf.zeros_like(v) for k, v in enumerate(flat)]
+                res = jvp(f_flat, flat, tangents, has_aux=has_aux)
+                return tree.flatten(res[1])
+
+            pushed = _map(push, basis)
+            columns.append([_move_first_axis_last(p, x) for p in pushed])
+        per_out = [[col[k] for col in columns] for k in range(len(out_flat))]
+        jac = tree.pack_sequence_as(
+            value,
+            [_pack(argnums, args, _split(row, [len(g) for g in leaves])) for row in per_out],
+        )
+        return (jac, aux) if has_aux else jac
+
+    return wrapped
+
+
+def _move_first_axis_last(p, x):
+    """(n, *out) with n = x.size -> (*out, *x.shape); shapes may be dynamic."""
+    rank = len(p.shape)
+    moved = tf.transpose(p, list(range(1, rank)) + [0])
+    return tf.reshape(moved, tf.concat([tf.shape(p)[1:], tf.shape(x)], 0))
+
+
+def _map(fn, elems):
+    """``tf.vectorized_map`` where pfor can convert ``fn``; otherwise a loop."""
+    try:
+        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
+    except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
+        n = tree.flatten(elems)[0].shape[0]
+        if n is None:
+            raise
+        results = [fn(tree.map_structure(lambda e, i=i: e[i], elems)) for i in range(n)]
+        return tree.map_structure(lambda *r: tf.stack(r), *results)
+
+
+def vmap(f, in_axes=0, out_axes=0):
+    """Maps ``f`` with ``tf.vectorized_map`` after moving each mapped axis to the front."""
+
+    @functools.wraps(f)
+    def wrapped(*args):
+        axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+        if len(axes) != len(args):
+            raise ValueError(
+                f"vmap in_axes must have one entry per positional argument. "
+                f"Received: in_axes={in_axes!r} for {len(args)} arguments."
+            )
+        mapped, static = {}, {}
+        for i, (a, ax) in enumerate(zip(args, axes)):
+            if ax is None:
+                static[i] = a
+            else:
+                leaves = tree.flatten(a)
+                leaf_axes = [ax] * len(leaves) if isinstance(ax, int) else tree.flatten(ax)
+                mapped[i] = (
+                    a,
+                    [
+                        _moveaxis(convert(x), ax_, 0) if ax_ is not None else None
+                        for x, ax_ in zip(leaves, leaf_axes)
+                    ],
+                    [convert(x) for x in leaves],
+                )
+        elems = {i: [m for m in moved if m is not None] for i, (_, moved, _) in mapped.items()}
+        sizes = {int(x.shape[0]) for group in elems.values() for x in group}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"vmap got inconsistent sizes for the mapped axes. Received sizes: "
+                f"{sorted(sizes)}. Make every mapped axis the same length."
+            )
+
+        def body(batch):
+            call = []
+            for i in range(len(args)):
+                if i in static:
+                    call.append(static[i])
+                    continue
+                a, moved, orig = mapped[i]
+                it = iter(batch[i])
+                leaves = [next(it) if m is not None else o for m, o in zip(moved, orig)]
+                call.append(tree.pack_sequence_as(a, leaves))
+            return f(*call)
+
+        out = _map(body, elems)
+        if isinstance(out_axes, int):
+            return tree.map_structure(lambda o: _moveaxis(o, 0, out_axes), out)
+        return tree.map_structure(
+            lambda o, ax: o if ax is None else _moveaxis(o, 0, ax), out, out_axes
+        )
+
+    return wrapped
+
+
+def _moveaxis(x, source, destination):
+    rank = len(x.shape)
+    source %= rank
+    destination %= rank
+    if source == destination:
+        return x
+    perm = [d for d in range(rank) if d != source]
+    perm.insert(destination, source)
+    return tf.transpose(x, perm)
+
+
+def jit(f):
+    """``tf.function`` with retracing kept down (shape-relaxed signatures).
+
+    AutoGraph is off, as in ``jax.jit``: Python control flow runs at trace time.
+    """
+    return tf.function(f, reduce_retracing=True, autograph=False)

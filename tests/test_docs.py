@@ -1,0 +1,31 @@
+"""Every public name appears in the API reference."""
+
+import pathlib
+
+import kgrad
+from kgrad import func
+
+API = (pathlib.Path(__file__).parents[1] / "docs" / "api.md").read_text()
+
+
+def test_every_public_name_is_in_the_api_reference():
+    for name in kgrad.__all__:
+        assert f"kgrad.{name}" in API, name
+    for name in func.__all__:
+        assert f"kgrad.func.{name}" in API, name
+
+
+def test_every_public_function_has_a_docstring_with_an_example():
+    for name in func.__all__:
+        doc = getattr(func, name).__doc__
+        assert doc and "Example:" in doc and ">>>" in doc, name
+
+
+def test_readme_example_runs(capsys):
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "-0.375" in out and "['net/out/bias', 'net/out/kernel']" in out
