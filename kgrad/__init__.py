@@ -4,8 +4,23 @@ The transforms live in :mod:`kgrad.func`; the model-level API is added on top.
 """
 
 from kgrad import func
+from kgrad._memory import get_memory_budget, set_memory_budget
+from kgrad.api import LayerGrad, grad, hessian, hvp, jacobian, layer_grad, value_and_grad
 from kgrad.backends import SUPPORTED as SUPPORTED_BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["func", "SUPPORTED_BACKENDS", "__version__"]
+__all__ = [
+    "func",
+    "grad",
+    "value_and_grad",
+    "jacobian",
+    "hessian",
+    "hvp",
+    "layer_grad",
+    "LayerGrad",
+    "set_memory_budget",
+    "get_memory_budget",
+    "SUPPORTED_BACKENDS",
+    "__version__",
+]

@@ -1,0 +1,101 @@
+"""Jacobian and Hessian building blocks shared by every backend.
+
+Per-sample derivatives use the batch-sum trick: when samples are independent,
+differentiating ``sum_b f(x)_b`` with respect to the whole batch gives every
+sample's derivative at once, without mapping the model over samples (which
+PyTorch's ``vmap`` cannot do for Keras's Conv2D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from kgrad import backends as _backends
+from kgrad import func
+
+ops = keras.ops
+tree = keras.tree
+
+
+def _basis(shape, dtype, rows):
+    """One-hot rows ``rows`` (a range) of the identity over ``shape``: (len(rows), *shape)."""
+    n = math.prod(shape)
+    eye = ops.one_hot(ops.arange(rows.start, rows.stop), n, dtype=dtype)
+    return ops.reshape(eye, (len(rows), *shape))
+
+
+def batched_map(fn, stacked):
+    """``vmap(fn)(stacked)``, or a loop where the backend cannot vmap ``fn``."""
+    if _backends.name() == "torch":
+        try:
+            return func.vmap(fn)(stacked)
+        except RuntimeError:
+            # torch.func.vmap fails inside some Keras layers (Conv2D's channels-last
+            # clone); a loop over the (small) chunk always works.
+            n = tree.flatten(stacked)[0].shape[0]
+            outs = [fn(tree.map_structure(lambda s, i=i: s[i], stacked)) for i in range(n)]
+            return tree.map_structure(lambda *o: ops.stack(o), *outs)
+    return func.vmap(fn)(stacked)
+
+
+def jacobian(f, x, mode="rev", chunk_size=None):
+    """Jacobian of ``f`` (tensor -> tensor) at tensor ``x``: ``out.shape + x.shape``."""
+    if chunk_size is None:
+        return (func.jacrev if mode == "rev" else func.jacfwd)(f)(x)
+    if mode == "rev":
+        out, pullback = func.vjp(f, x)
+        out_shape = tuple(out.shape)
+        n = math.prod(out_shape)
+        pieces = []
+        for start in range(0, n, chunk_size):
+            rows = range(start, min(start + chunk_size, n))
+            cot = _basis(out_shape, out.dtype, rows)
+            pieces.append(batched_map(lambda c: pullback(c)[0], cot))
+        flat = ops.concatenate(pieces, axis=0)
+        return ops.reshape(flat, (*out_shape, *x.shape))
+    n = math.prod(tuple(x.shape))
+    pieces = []
+    for start in range(0, n, chunk_size):
+        rows = range(start, min(start + chunk_size, n))
+        tan = _basis(tuple(x.shape), x.dtype, rows)
+        pieces.append(batched_map(lambda t: func.jvp(f, (x,), (t,))[1], tan))
+    cols = ops.concatenate(pieces, axis=0)  # (n_in, *out)
+    out_rank = len(cols.shape) - 1
+    cols = ops.transpose(cols, (*range(1, out_rank + 1), 0))
+    return ops.reshape(cols, (*cols.shape[:out_rank], *x.shape))
+
+
+def per_sample_hessian_columns(g, x, chunk_size=None):
+    """Per-sample second derivatives by forward-over-reverse with broadcast tangents.
+
+    ``g`` maps the batch ``x`` (B, *feat) to a batch-summed first derivative of
+    shape (*out, B, *feat). For every input feature j, the tangent that is one-hot
+    at feature j in *every* sample gives, row by row, each sample's Hessian
+    column j (cross-sample blocks are zero). Returns (B, *out, *feat, *feat).
+    """
+    feat = tuple(x.shape[1:])
+    n = math.prod(feat)
+    b = x.shape[0]
+    chunk = chunk_size or n
+    pieces = []
+    for start in range(0, n, chunk):
+        rows = range(start, min(start + chunk, n))
+        one = _basis(feat, x.dtype, rows)  # (c, *feat)
+        tan = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), b, *feat))
+        pieces.append(batched_map(lambda t: func.jvp(g, (x,), (t,))[1], tan))
+    cols = ops.concatenate(pieces, axis=0)  # (n, *out, B, *feat)
+    rank = len(cols.shape)
+    n_out = rank - 2 - len(feat)
+    # -> (B, *out, *feat, n)
+    perm = (1 + n_out, *range(1, 1 + n_out), *range(2 + n_out, rank), 0)
+    cols = ops.transpose(cols, perm)
+    return ops.reshape(cols, (*cols.shape[:-1], *feat))
+
+
+def move_batch_first(j, n_out):
+    """(*out, B, *feat) -> (B, *out, *feat)."""
+    rank = len(j.shape)
+    perm = (n_out, *range(n_out), *range(n_out + 1, rank))
+    return ops.transpose(j, perm)

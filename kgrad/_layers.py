@@ -1,0 +1,162 @@
+"""Resolving ``layers=`` and ``of=`` to layer objects, and watching layer outputs.
+
+Layers are addressed by name, by index into ``model.layers``, or by object.
+Names are looked up among ``model.layers`` first, then inside nested models
+(``"encoder/dense"`` names a layer through its parents; a bare name deep inside
+works when it is unique).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+
+from kgrad import _errors
+
+
+def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """Every layer below ``model`` (depth first), the model itself excluded."""
+    out = []
+    for layer in getattr(model, "layers", []) or []:
+        out.append(layer)
+        out.extend(_all_layers(layer))
+    return out
+
+
+def _qualified_names(model, prefix=""):
+    for layer in getattr(model, "layers", []) or []:
+        name = f"{prefix}{layer.name}"
+        yield name, layer
+        yield from _qualified_names(layer, prefix=f"{name}/")
+
+
+def resolve_one(model: keras.layers.Layer, spec: Any, argname: str) -> keras.layers.Layer:
+    """Returns the layer that ``spec`` (name, index or object) names in ``model``."""
+    top = list(getattr(model, "layers", []) or [])
+    if isinstance(spec, keras.layers.Layer):
+        if spec is model or any(spec is layer for layer in _all_layers(model)):
+            return spec
+        raise ValueError(
+            f"`{argname}` names a layer that is not part of model '{model.name}'. "
+            f"Received: {argname}={spec.name!r} (a {type(spec).__name__} object). Pass a layer "
+            f"of this model, e.g. one of {[layer.name for layer in top][:10]}."
+        )
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TypeError(
+            f"`{argname}` must be a layer name, an index into `model.layers` or a layer "
+            f"object. Received: {argname}={spec!r} of type {type(spec).__name__}."
+        )
+    if isinstance(spec, int):
+        if not -len(top) <= spec < len(top):
+            raise ValueError(
+                f"`{argname}` index is out of range: model '{model.name}' has "
+                f"{len(top)} layers in `model.layers`. Received: {argname}={spec}. Use an "
+                f"index from {-len(top)} to {len(top) - 1}, or a layer name."
+            )
+        return top[spec]
+    qualified = dict(_qualified_names(model))
+    if spec in qualified:
+        by_top = [layer for layer in top if layer.name == spec]
+        return by_top[0] if by_top else qualified[spec]
+    deep = [layer for name, layer in qualified.items() if name.split("/")[-1] == spec]
+    if len(deep) == 1:
+        return deep[0]
+    if len(deep) > 1:
+        raise ValueError(
+            f"`{argname}` is ambiguous: several nested layers are named '{spec}'. "
+            f"Received: {argname}={spec!r}. Qualify it with its parents, e.g. "
+            f"{[n for n in qualified if n.split('/')[-1] == spec]}."
+        )
+    names = [layer.name for layer in top]
+    raise ValueError(
+        f"No layer named '{spec}' in model '{model.name}'. Received: {argname}={spec!r}."
+        f"{_errors.closest(spec, list(qualified))} Available layers: {names}."
+    )
+
+
+def resolve(model: keras.layers.Layer, spec: Any, argname: str = "layers"):
+    """Resolves ``layers=``: ``None`` means every layer of ``model.layers``.
+
+    Returns ``(layers, single)`` where ``single`` tells that one layer was named
+    directly (not in a list), so that results come back bare.
+    """
+    if spec is None:
+        return list(getattr(model, "layers", []) or []), False
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError(f"`{argname}` is an empty list. Received: {argname}={spec!r}.")
+        layers = [resolve_one(model, s, argname) for s in spec]
+        return list(dict.fromkeys(layers)), False
+    return [resolve_one(model, spec, argname)], True
+
+
+def key(model: keras.layers.Layer, layer: keras.layers.Layer) -> str:
+    """The dict key of ``layer``'s results: its name, qualified when nested."""
+    if any(layer is top for top in getattr(model, "layers", []) or []):
+        return layer.name
+    for name, candidate in _qualified_names(model):
+        if candidate is layer:
+            return name
+    return layer.name
+
+
+class Watch:
+    """Records (and optionally perturbs) the outputs of some layers during a call.
+
+    While active, each watched layer's ``call`` is wrapped: its output gets the
+    probe added (``output + probe``, probe zeros, so that the derivative with
+    respect to the probe is the derivative with respect to the output) and is
+    recorded. Not thread-safe: the wrapper is set on the layer object.
+    """
+
+    def __init__(self, layers: dict[str, keras.layers.Layer], probes: dict[str, Any] | None = None):
+        self.layers = layers
+        self.probes = probes or {}
+        self.outputs: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Watch]:
+        patched = []
+        try:
+            for name, layer in self.layers.items():
+                if "call" in layer.__dict__:
+                    raise RuntimeError(f"Layer '{layer.name}' is already being watched.")
+                layer.__dict__["call"] = self._wrap(name, layer.call)
+                patched.append(layer)
+            yield self
+        finally:
+            for layer in patched:
+                layer.__dict__.pop("call", None)
+
+    def _wrap(self, name, call):
+        def watched(*args, **kwargs):
+            out = call(*args, **kwargs)
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name in self.probes:
+                out = keras.tree.map_structure(
+                    lambda o, p: o if p is None else o + p, out, self.probes[name]
+                )
+            self.outputs[name] = out
+            return out
+
+        return watched
+
+    def check_called_once(self, names) -> None:
+        for name in names:
+            n = self.calls.get(name, 0)
+            if n == 0:
+                raise ValueError(
+                    f"Layer '{name}' was not called when the model ran, so it has no "
+                    f"output to differentiate. Received: layers/of naming '{name}'. Choose "
+                    f"a layer on the path from the inputs to the outputs."
+                )
+            if n > 1:
+                raise ValueError(
+                    f"Layer '{name}' is called {n} times in one forward pass (a shared "
+                    f"layer), so 'its output' is ambiguous. Received: layers/of naming "
+                    f"'{name}'. Differentiate with respect to a layer that is called once."
+                )
