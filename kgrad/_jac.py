@@ -31,7 +31,9 @@ def batched_map(fn, stacked):
     if _backends.name() == "torch":
         try:
             return func.vmap(fn)(stacked)
-        except RuntimeError:
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
             # torch.func.vmap fails inside some Keras layers (Conv2D's channels-last
             # clone); a loop over the (small) chunk always works.
             n = tree.flatten(stacked)[0].shape[0]
@@ -43,7 +45,13 @@ def batched_map(fn, stacked):
 def jacobian(f, x, mode="rev", chunk_size=None):
     """Jacobian of ``f`` (tensor -> tensor) at tensor ``x``: ``out.shape + x.shape``."""
     if chunk_size is None:
-        return (func.jacrev if mode == "rev" else func.jacfwd)(f)(x)
+        try:
+            return (func.jacrev if mode == "rev" else func.jacfwd)(f)(x)
+        except RuntimeError as err:
+            if _backends.name() != "torch" or "vmap" not in str(err):
+                raise
+            # torch cannot vmap this model's forward (Conv2D): go column by column.
+            chunk_size = math.prod(tuple(x.shape))
     if mode == "rev":
         out, pullback = func.vjp(f, x)
         out_shape = tuple(out.shape)

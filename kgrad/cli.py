@@ -1,8 +1,30 @@
-"""The ``kgrad`` command line."""
+"""The ``kgrad`` command line: ``kgrad compare``, ``kgrad report``, ``kgrad bench``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kgrad", description="Derivatives of Keras 3 models on every backend."
+    )
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    sub = parser.add_subparsers(dest="command")
+    cmp_ = sub.add_parser(
+        "compare", help="compare derivatives across backends (built-in demos by default)"
+    )
+    cmp_.add_argument("model", nargs="?", help="a saved .keras model (default: demo models)")
+    cmp_.add_argument("--inputs", help="a .npy batch of inputs for MODEL")
+    cmp_.add_argument("--targets", help="a .npy batch of targets (adds loss derivatives)")
+    cmp_.add_argument("--backends", help="comma-separated, default: every installed backend")
+    cmp_.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cmp_.add_argument("--quick", action="store_true", help="only the three small demos")
+    cmp_.add_argument("--tolerance", type=float, default=None, help="relative, default 1e-3")
+    sub.add_parser("report", help="the gradient report of a saved model (not yet available)")
+    sub.add_parser("bench", help="kgrad against native code (not yet available)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,15 +37,36 @@ def main(argv: list[str] | None = None) -> int:
     kgrad 0.1.0 (keras ..., backend ...)
     0
     """
-    import keras
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version or args.command is None:
+        import keras
 
-    import kgrad
+        import kgrad
 
-    argv = sys.argv[1:] if argv is None else argv
-    print(
-        f"kgrad {kgrad.__version__} (keras {keras.__version__}, backend {keras.backend.backend()})"
-    )
-    return 0
+        print(
+            f"kgrad {kgrad.__version__} (keras {keras.__version__}, backend "
+            f"{keras.backend.backend()})"
+        )
+        return 0
+    if args.command == "compare":
+        from kgrad import compare
+
+        backends = args.backends.split(",") if args.backends else None
+        try:
+            return compare.main(
+                args.model,
+                args.inputs,
+                args.targets,
+                backends,
+                args.json,
+                args.quick,
+                args.tolerance if args.tolerance is not None else compare.TOLERANCE,
+            )
+        except (ValueError, RuntimeError) as err:
+            print(f"kgrad compare: {err}", file=sys.stderr)
+            return 2
+    print(f"kgrad {args.command}: not available in this version yet.", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

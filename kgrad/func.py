@@ -66,14 +66,21 @@ def _checked_output(f: Callable, fname: str, has_aux: bool, scalar: bool) -> Cal
     return checked
 
 
-def _differentiate(fname: str, f: Callable, argnums: Argnums, has_aux: bool, scalar: bool):
-    """Builds the transform ``fname`` of the active backend around checks and conversion."""
+def _differentiate(
+    fname: str, f: Callable, argnums: Argnums, has_aux: bool, scalar: bool, make=None
+):
+    """Builds the transform ``fname`` of the active backend around checks and conversion.
+
+    ``make(checked_f)`` builds the transform; by default the backend's ``fname``.
+    """
     _errors.check_callable(f, fname)
     nums = _errors.check_argnums(argnums, fname)
     backend = _backends.load()
-    transformed = getattr(backend, fname)(
-        _checked_output(f, fname, has_aux, scalar), argnums=argnums, has_aux=has_aux
-    )
+    checked_f = _checked_output(f, fname, has_aux, scalar)
+    if make is None:
+        transformed = getattr(backend, fname)(checked_f, argnums=argnums, has_aux=has_aux)
+    else:
+        transformed = make(checked_f)
 
     @functools.wraps(f)
     def call(*args, **kwargs):
@@ -209,6 +216,16 @@ def hessian(f: Callable, argnums: Argnums = 0) -> Callable:
     """
     _errors.check_callable(f, "hessian")
     _errors.check_argnums(argnums, "hessian")
+    backend = _backends.load()
+    if hasattr(backend, "hessian"):  # a backend's own composite, where it needs one
+        return _differentiate(
+            "hessian",
+            f,
+            argnums,
+            False,
+            scalar=True,
+            make=lambda g: backend.hessian(g, argnums=argnums),
+        )
     inner = _differentiate(
         "jacrev", _checked_output(f, "hessian", False, True), argnums, False, scalar=False
     )

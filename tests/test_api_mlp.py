@@ -260,3 +260,48 @@ def test_calls_never_change_the_model(setup, rng):
     kgrad.hessian(model, x, target=0)
     for b, v in zip(before, model.variables):
         np.testing.assert_array_equal(b, np_(v.value))
+
+
+def test_chunk_size_bounds_rows_in_flight(setup, monkeypatch):
+    from kgrad import _jac
+
+    model, x, _, _ = setup
+    seen = []
+    original = _jac.batched_map
+
+    def spy(fn, stacked):
+        seen.append(int(keras.tree.flatten(stacked)[0].shape[0]))
+        return original(fn, stacked)
+
+    monkeypatch.setattr(_jac, "batched_map", spy)
+    kgrad.jacobian(model, x, mode="rev", chunk_size=1)
+    kgrad.jacobian(model, x, mode="fwd", chunk_size=2)
+    kgrad.hessian(model, x, chunk_size=2)
+    assert seen and max(seen) <= 2
+
+
+def test_batchnorm_training_mode_weight_gradients(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1, activation="tanh"),
+        ]
+    )
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    g = kgrad.grad(model, x, wrt="weights", y=y, loss="mse", training=True)
+    kernel = model.layers[0].kernel
+    w0 = np_(kernel.value).copy()
+    v = rng.normal(size=w0.shape).astype("float32")
+    eps = 2e-3  # batch statistics make the loss sharply curved: a small step
+
+    def loss_at(s):
+        kernel.assign(w0 + s * v)
+        pred = np_(model(x, training=True)).astype("float64")  # batch statistics
+        return np.mean((pred - y) ** 2)
+
+    fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    kernel.assign(w0)
+    np.testing.assert_allclose(np.sum(np_(g[kernel.path]) * v), fd, rtol=5e-3, atol=5e-4)

@@ -291,3 +291,69 @@ def test_keras_application_mobilenet_v3_small(rng):
     conv = [layer for layer in model.layers if isinstance(layer, L.Conv2D)][-1]
     a = kgrad.grad(model, x, wrt="activations", layers=conv.name, target=2)
     assert tuple(a.shape) == (2, *conv.output.shape[1:])
+
+
+def test_second_derivatives_through_layer_normalization(rng):
+    """TF's tf.nn.moments stops the gradient through the mean: first derivatives stay
+    right, second ones would not. Checked against central differences of the gradient."""
+    model = keras.Sequential(
+        [keras.Input((4,)), L.Dense(5), L.LayerNormalization(), L.Dense(1, activation="tanh")]
+    )
+    x = rng.normal(size=(3, 4)).astype("float32")
+    H = np_(kgrad.hessian(model, x, target=0))
+    eps = 2e-3  # float32: truncation and rounding both stay near 1e-4 relative
+    for j in range(4):
+        e = np.zeros_like(x)
+        e[:, j] = eps
+        fd = (np_(kgrad.grad(model, x + e)) - np_(kgrad.grad(model, x - e))) / (2 * eps)
+        np.testing.assert_allclose(H[:, :, j], fd, rtol=5e-3, atol=1e-3)
+    # And for the weights, through kgrad.hvp against differences of weight gradients.
+    y = rng.normal(size=(3, 1)).astype("float32")
+    kernel = model.layers[0].kernel
+    v = rng.normal(size=tuple(kernel.shape)).astype("float32")
+    hv = np_(kgrad.hvp(model, x, {kernel.path: v}, y=y, loss="mse")[kernel.path])
+    w0 = np_(kernel.value).copy()
+    grads = []
+    for s in (eps, -eps):
+        kernel.assign(w0 + s * v)
+        grads.append(np_(kgrad.grad(model, x, wrt="weights", y=y, loss="mse")[kernel.path]))
+    kernel.assign(w0)
+    np.testing.assert_allclose(hv, (grads[0] - grads[1]) / (2 * eps), rtol=5e-3, atol=1e-3)
+
+
+def test_conv2d_forward_mode_and_hessians(rng):
+    """PyTorch's vmap cannot run Keras's Conv2D forward; every path must still work."""
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            L.Conv2D(2, 3, activation="tanh", name="c"),
+            L.Flatten(),
+            L.Dense(1, activation="tanh", name="d"),
+        ],
+        name="convnet",
+    )
+    x = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    J_rev = np_(kgrad.jacobian(model, x, mode="rev"))
+    np.testing.assert_allclose(
+        np_(kgrad.jacobian(model, x, mode="fwd")), J_rev, rtol=1e-5, atol=1e-6
+    )
+    H = np_(kgrad.hessian(model, x, target=0))
+    assert H.shape == (2, 4, 4, 2, 4, 4, 2)
+    np.testing.assert_allclose(
+        H[1], np_(kgrad.hessian(model, x[1:], target=0))[0], rtol=1e-4, atol=1e-6
+    )
+    # Symmetric, and a column against central differences of the input gradient.
+    Hm = H.reshape(2, 32, 32)
+    np.testing.assert_allclose(Hm, np.transpose(Hm, (0, 2, 1)), atol=1e-5)
+    eps = 2e-3
+    e = np.zeros_like(x)
+    e[:, 1, 2, 0] = eps
+    fd = (np_(kgrad.grad(model, x + e)) - np_(kgrad.grad(model, x - e))) / (2 * eps)
+    np.testing.assert_allclose(H[:, :, :, :, 1, 2, 0], fd, rtol=5e-3, atol=1e-3)
+    # Weight Hessian of a loss against Hessian-vector products.
+    y = rng.normal(size=(2, 1)).astype("float32")
+    Hw = kgrad.hessian(model, x, wrt="weights", layers="c", y=y, loss="mse")
+    k = "convnet/c/kernel"
+    v = rng.normal(size=(3, 3, 2, 2)).astype("float32")
+    hv = np_(kgrad.hvp(model, x, {k: v}, layers="c", y=y, loss="mse")[k])
+    np.testing.assert_allclose(np.tensordot(np_(Hw[k][k]), v, axes=4), hv, rtol=1e-4, atol=1e-5)

@@ -16,9 +16,11 @@ def test_every_public_name_is_in_the_api_reference():
 
 
 def test_every_public_function_has_a_docstring_with_an_example():
-    for name in func.__all__:
-        doc = getattr(func, name).__doc__
-        assert doc and "Example:" in doc and ">>>" in doc, name
+    for obj in [getattr(func, n) for n in func.__all__] + [
+        getattr(kgrad, n) for n in kgrad.__all__ if callable(getattr(kgrad, n))
+    ]:
+        doc = obj.__doc__
+        assert doc and "Example:" in doc and ">>>" in doc, obj
 
 
 def test_readme_example_runs(capsys):
@@ -29,3 +31,4 @@ def test_readme_example_runs(capsys):
         exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "-0.375" in out and "['net/out/bias', 'net/out/kernel']" in out
+    assert "(16, 2, 3) (16, 3, 3) ['hidden', 'drop', 'out']" in out

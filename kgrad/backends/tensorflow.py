@@ -8,7 +8,9 @@ others to any order, inside and outside ``tf.function``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import keras
 import tensorflow as tf
@@ -24,6 +26,52 @@ def convert(x):
     if isinstance(x, tf.Tensor):
         return x
     return tf.convert_to_tensor(x)
+
+
+_patch_lock = threading.RLock()
+_patch_depth = 0
+
+
+def _moments(x, axes, keepdims):
+    """Mean and variance, differentiable to every order.
+
+    ``tf.nn.moments`` (used by Keras's TensorFlow ``ops.moments``, hence by
+    LayerNormalization and BatchNormalization in training mode) computes the
+    variance around ``stop_gradient(mean)``. That leaves first derivatives
+    exact (the variance's derivative with respect to the mean is zero) but
+    makes every second derivative through a normalisation wrong.
+    """
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def _exact_moments():
+    """While kgrad differentiates, Keras's TF moments use :func:`_moments`."""
+    global _patch_depth
+    from keras.src.backend.tensorflow import nn as keras_tf_nn
+
+    with _patch_lock:
+        if _patch_depth == 0:
+            _exact_moments.original = keras_tf_nn._compute_moments
+            keras_tf_nn._compute_moments = _moments
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                keras_tf_nn._compute_moments = _exact_moments.original
+
+
+def _dense(grads):
+    """Gradients as dense tensors (gathers such as Embedding give ``IndexedSlices``)."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
 def _argnums_tuple(argnums):
@@ -70,11 +118,11 @@ def value_and_grad(f, argnums=0, has_aux=False):
     def wrapped(*args, **kwargs):
         args, leaves = _with_diff_args(args, argnums)
         flat = [leaf for group in leaves for leaf in group]
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape, _exact_moments():
             tape.watch(flat)
             out = f(*args, **kwargs)
         value, aux = _split_aux(out, has_aux)
-        grads = tape.gradient(value, flat, unconnected_gradients=_ZERO)
+        grads = _dense(tape.gradient(value, flat, unconnected_gradients=_ZERO))
         g = _pack(argnums, args, _split(grads, [len(group) for group in leaves]))
         return ((value, aux), g) if has_aux else (value, g)
 
@@ -98,7 +146,7 @@ def vjp(f, *primals, has_aux=False):
     argnums = tuple(range(len(primals)))
     args, leaves = _with_diff_args(primals, argnums)
     flat = [leaf for group in leaves for leaf in group]
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape, _exact_moments():
         tape.watch(flat)
         out = f(*args)
     value, aux = _split_aux(out, has_aux)
@@ -106,7 +154,9 @@ def vjp(f, *primals, has_aux=False):
 
     def vjp_fn(cotangent):
         ct_flat = [tf.cast(convert(c), o.dtype) for c, o in zip(tree.flatten(cotangent), out_flat)]
-        grads = tape.gradient(out_flat, flat, output_gradients=ct_flat, unconnected_gradients=_ZERO)
+        grads = _dense(
+            tape.gradient(out_flat, flat, output_gradients=ct_flat, unconnected_gradients=_ZERO)
+        )
         return _pack(argnums, args, _split(grads, [len(group) for group in leaves]))
 
     return (value, vjp_fn, aux) if has_aux else (value, vjp_fn)
@@ -117,7 +167,7 @@ def jvp(f, primals, tangents, has_aux=False):
     primals = [tree.map_structure(convert, p) for p in primals]
     p_flat = tree.flatten(primals)
     t_flat = [tf.cast(convert(t), p.dtype) for t, p in zip(tree.flatten(tangents), p_flat)]
-    with tf.autodiff.ForwardAccumulator(p_flat, t_flat) as acc:
+    with tf.autodiff.ForwardAccumulator(p_flat, t_flat) as acc, _exact_moments():
         out = f(*primals)
     value, aux = _split_aux(out, has_aux)
     tangent_out = tree.map_structure(lambda o: acc.jvp(o, unconnected_gradients=_ZERO), value)
@@ -141,7 +191,10 @@ def jacrev(f, argnums=0, has_aux=False):
     def wrapped(*args, **kwargs):
         args, leaves = _with_diff_args(args, argnums)
         flat = [leaf for group in leaves for leaf in group]
-        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        with (
+            tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape,
+            _exact_moments(),
+        ):
             tape.watch(flat)
             out = f(*args, **kwargs)
         value, aux = _split_aux(out, has_aux)

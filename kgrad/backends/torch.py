@@ -24,9 +24,37 @@ def convert(x):
 
 grad = tf_func.grad
 jacrev = tf_func.jacrev
-jacfwd = tf_func.jacfwd
 vjp = tf_func.vjp
-jvp = tf_func.jvp
+
+
+def _math_attention():
+    """Routes ``scaled_dot_product_attention`` to its math kernel.
+
+    The fused CPU/GPU attention kernels have no forward-mode derivative
+    ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"),
+    so forward-mode transforms run attention as plain differentiable ops.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def jvp(f, primals, tangents, has_aux=False):
+    """``torch.func.jvp``, with attention on its forward-differentiable kernel."""
+    with _math_attention():
+        return tf_func.jvp(f, primals, tangents, has_aux=has_aux)
+
+
+def jacfwd(f, argnums=0, has_aux=False):
+    """``torch.func.jacfwd``, with attention on its forward-differentiable kernel."""
+    inner = tf_func.jacfwd(f, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with _math_attention():
+            return inner(*args, **kwargs)
+
+    return wrapped
 
 
 def value_and_grad(f, argnums=0, has_aux=False):
@@ -48,6 +76,32 @@ def vmap(f, in_axes=0, out_axes=0):
     if isinstance(out_axes, list):
         out_axes = tuple(out_axes)
     return tf_func.vmap(f, in_dims=in_axes, out_dims=out_axes, randomness="different")
+
+
+def _vmap_unsupported(err: RuntimeError) -> bool:
+    return "vmap" in str(err)
+
+
+def hessian(f, argnums=0):
+    """Forward over reverse; reverse over reverse where ``vmap`` cannot run the forward.
+
+    ``torch.func.jacfwd`` maps the forward pass with ``vmap``, which fails inside
+    Keras's Conv2D ("Tensor.clone(memory_format) inside vmap"). Reverse over
+    reverse maps only backward passes, which work; the Hessian is the same.
+    """
+    fwd = jacfwd(tf_func.jacrev(f, argnums=argnums), argnums=argnums)
+    rev = tf_func.jacrev(tf_func.jacrev(f, argnums=argnums), argnums=argnums)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        try:
+            return fwd(*args, **kwargs)
+        except RuntimeError as err:
+            if not _vmap_unsupported(err):
+                raise
+            return rev(*args, **kwargs)
+
+    return wrapped
 
 
 def jit(f):

@@ -1,0 +1,72 @@
+"""Computes kgrad's derivatives of saved models under one backend (``kgrad compare``).
+
+Run as ``KERAS_BACKEND=<name> python -m kgrad._worker JOBS.json``; each job names
+a ``.keras`` model, ``.npy`` inputs (and targets) and an ``.npz`` to write.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+
+import keras
+import numpy as np
+
+import kgrad
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def compute(model, x, y=None, activations=(), hessian=False) -> dict[str, np.ndarray]:
+    """Every derivative ``kgrad compare`` compares, as flat NumPy arrays keyed by name."""
+    out: dict[str, np.ndarray] = {}
+    loss = "mse" if y is not None else None
+    float_inputs = all(np.asarray(leaf).dtype.kind == "f" for leaf in keras.tree.flatten(x))
+    if float_inputs:
+        for k, v in enumerate(keras.tree.flatten(kgrad.grad(model, x))):
+            out[f"grad/inputs/{k}"] = _np(v)
+        for k, v in enumerate(keras.tree.flatten(kgrad.jacobian(model, x))):
+            out[f"jacobian/inputs/{k}"] = _np(v)
+        if hessian:
+            out["hessian/inputs"] = _np(kgrad.hessian(model, x, target=0))
+    for name in activations:
+        out[f"grad/activations/{name}"] = _np(kgrad.grad(model, x, wrt="activations", layers=name))
+    for path, g in kgrad.grad(model, x, wrt="weights", y=y, loss=loss).items():
+        out[f"grad/weights/{path}"] = _np(g)
+    if y is not None:
+        weights = kgrad.func.weights_of(model)
+        vector = {
+            path: np.random.default_rng(zlib.crc32(path.encode()))
+            .normal(size=tuple(w.shape))
+            .astype("float32")
+            for path, w in weights.items()
+        }
+        for path, hv in kgrad.hvp(model, x, vector, y=y, loss=loss).items():
+            out[f"hvp/weights/{path}"] = _np(hv)
+    for name, lg in kgrad.layer_grad(model, x, y, loss=loss).items():
+        if lg.output_grad is not None:
+            for k, v in enumerate(keras.tree.flatten(lg.output_grad)):
+                out[f"layer_grad/{name}/output_grad/{k}"] = _np(v)
+        for wname, g in lg.weight_grads.items():
+            out[f"layer_grad/{name}/{wname}"] = _np(g)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0]) as fh:
+        jobs = json.load(fh)
+    for job in jobs:
+        model = keras.models.load_model(job["model"], compile=False)
+        x = np.load(job["x"])
+        y = np.load(job["y"]) if job.get("y") else None
+        results = compute(model, x, y, job.get("activations", ()), job.get("hessian", False))
+        np.savez(job["out"], **results)
+        print(f"{keras.backend.backend()}: {job['name']} done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
