@@ -58,6 +58,7 @@ class Request:
     act_names: list = dataclasses.field(default_factory=list)
     probe_like: dict = dataclasses.field(default_factory=dict)  # name -> output structure
     batch_size: int = 0
+    layers_spec: Any = None
     of_key: str | None = None
     args_template: dict = dataclasses.field(default_factory=dict)
 
@@ -73,7 +74,7 @@ class Request:
 
     @property
     def layers_given(self) -> bool:
-        return self._layers_spec is not None
+        return self.layers_spec is not None
 
     def run(self, args: dict[str, Any], extra=None):
         """Runs the model on ``args``; returns ``(of_output, watch, extra_result)``.
@@ -315,7 +316,7 @@ def prepare(
         is_keras=is_keras,
         batch_size=batch,
     )
-    req._layers_spec = layers
+    req.layers_spec = layers
     if is_keras:
         req.layers, req.single_layer = _layers.resolve(model, layers)
         if of is not None:

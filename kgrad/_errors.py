@@ -19,6 +19,16 @@ def closest(name: str, names: Iterable[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+def check_keys(given: Iterable[str], valid: list[str], what: str) -> None:
+    """Raises ValueError for keys of ``given`` that are not in ``valid``."""
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"{what} has keys that are not valid here. Received: {unknown[:5]}."
+            f"{closest(unknown[0], valid)} Valid keys include {valid[:6]}."
+        )
+
+
 def check_callable(f: Any, fname: str) -> None:
     if not callable(f):
         raise TypeError(

@@ -55,13 +55,9 @@ def stateless_apply(
         )
     trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
     known = _paths(list(trainable) + list(non_trainable))
-    unknown = [k for k in weights if k not in known]
-    if unknown:
-        raise ValueError(
-            f"`weights` has keys that are not variables of model '{model.name}'. Received: "
-            f"{unknown[:5]}.{_errors.closest(unknown[0], known)} Valid keys are the "
-            f"`variable.path` of `model.variables`, e.g. {known[:3]}."
-        )
+    _errors.check_keys(
+        weights, known, f"`weights` (keyed by `variable.path` of model '{model.name}')"
+    )
     for v in list(trainable) + list(non_trainable):
         if v.path in weights:
             shape = tuple(getattr(weights[v.path], "shape", ()))

@@ -27,6 +27,7 @@ from typing import Any
 import keras
 
 from kgrad import _engine, _errors, _jac, _memory, func
+from kgrad import backends as _backends
 
 ops = keras.ops
 tree = keras.tree
@@ -443,23 +444,14 @@ def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, trai
             req.check_per_sample("Hessian-vector products without a loss")
     args = req.args()
     full = args[wrt]
-    from kgrad import backends
-
-    backend = backends.load()
-    vector = tree.map_structure(backend.convert, vector)
+    vector = tree.map_structure(_backends.load().convert, vector)
     if wrt in ("weights", "activations"):
         if not isinstance(vector, dict):
             raise TypeError(
                 f"For wrt={wrt!r}, `vector` must be a dict keyed like the {wrt}. "
                 f"Received: vector of type {type(vector).__name__}."
             )
-        unknown = [k for k in vector if k not in full]
-        if unknown:
-            raise ValueError(
-                f"`vector` has keys that are not {wrt} of the selected layers. Received: "
-                f"{unknown[:5]}.{_errors.closest(unknown[0], list(full))} Valid keys: "
-                f"{list(full)[:6]}."
-            )
+        _errors.check_keys(vector, list(full), f"`vector` (the {wrt} of the selected layers)")
         primal = {k: full[k] for k in vector}
 
         def objective(sub):
