@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     0
     """
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    # TensorFlow's start-up log lines would bury the table; the user's setting wins.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.version or args.command is None:
         import keras
 
