@@ -366,8 +366,10 @@ def hessian(
                 ).items()
             }
             continue
-        if per_sample and not req.has_loss:
+        if per_sample:  # the block-diagonal trick needs independent samples, loss or not
             req.check_per_sample("Hessians with per_sample=True")
+        out_shape = () if req.has_loss else tuple(req.selected_output(args).shape)
+        out_rank = max(len(out_shape) - 1, 0)
         flat = tree.flatten(struct)
         results = []
         for i, leaf in enumerate(flat):
@@ -377,10 +379,8 @@ def hessian(
 
             if req.has_loss:
                 scalar = lambda v, sub=sub: req.objective(sub(v))
-                out_rank = 0
                 first = func.grad(scalar)  # (B, *feat)
             else:
-                out_rank = len(req.selected_output(args).shape) - 1
                 if per_sample:
                     summed = lambda v, sub=sub: ops.sum(req.selected_output(sub(v)), axis=0)
                     first = func.jacrev(summed) if out_rank else func.grad(summed)
@@ -389,7 +389,7 @@ def hessian(
             feat = tuple(leaf.shape[1:])
             n_feat = math.prod(feat)
             if per_sample:
-                n_out = math.prod(tuple(req.selected_output(args).shape[1:])) if out_rank else 1
+                n_out = math.prod(out_shape[1:]) if out_rank else 1
                 shape = (leaf.shape[0], n_out, n_feat, n_feat)
                 _memory.check(
                     "Hessian",
@@ -401,7 +401,7 @@ def hessian(
                 results.append(_jac.per_sample_hessian_columns(first, leaf, chunk_size))
             else:
                 n_all = math.prod(tuple(leaf.shape))
-                n_out = math.prod(tuple(req.selected_output(args).shape)) if out_rank else 1
+                n_out = math.prod(out_shape) if out_rank else 1
                 _memory.check("Hessian", [(n_out, n_all, n_all)], 0, _itemsize(leaf), "hessian")
                 results.append(_jac.jacobian(first, leaf, mode="fwd", chunk_size=chunk_size))
         per_kind[kind] = tree.pack_sequence_as(struct, results)

@@ -65,6 +65,10 @@ def test_samples_that_interact_while_per_sample(rng):
         kgrad.hessian(model, x, training=True)
     with pytest.raises(ValueError, match="per sample"):
         kgrad.grad(model, x, training=True)
+    # Per-sample Hessian blocks of a batch loss are just as undefined.
+    with pytest.raises(ValueError, match="per sample"):
+        kgrad.hessian(model, x, y=np.zeros((4, 2)), loss="mse", training=True)
+    kgrad.hessian(model, x, y=np.zeros((4, 2)), loss="mse", training=True, per_sample=False)
     # Allowed: inference mode, a batch loss, and weight gradients.
     kgrad.jacobian(model, x)
     kgrad.grad(model, x, y=np.zeros((4, 2)), loss="mse", training=True)
