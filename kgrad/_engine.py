@@ -86,12 +86,8 @@ class Request:
         if not self.is_keras:
             out = self.model(x)
             return out, None, extra(out) if extra else None
-        weights = args.get("weights", {})
-        mapping = [
-            (v, weights[v.path] if v.path in weights else v.value) for v in self.model.variables
-        ]
         watch = _layers.Watch(self.watch, args.get("activations"))
-        with keras.StatelessScope(state_mapping=mapping), watch.active():
+        with _model.stateless_scope(self.model, args.get("weights", {})), watch.active():
             y_pred = self.model(x, training=self.training)
             out = y_pred if self.of is None else watch.outputs.get(self.of_key)
             result = extra(out) if extra else None

@@ -66,10 +66,19 @@ def stateless_apply(
                     f"The value given for weight '{v.path}' has the wrong shape. Expected "
                     f"{tuple(v.shape)}. Received: shape {shape}."
                 )
-    tv = [weights.get(v.path, v.value) for v in trainable]
-    ntv = [weights.get(v.path, v.value) for v in non_trainable]
-    if isinstance(model, keras.Model) or hasattr(model, "stateless_call"):
-        out, _ = model.stateless_call(tv, ntv, x, training=training)
-    else:  # pragma: no cover - every Keras 3 layer has stateless_call
-        raise TypeError(f"Cannot call {type(model).__name__} statelessly.")
-    return out
+    with stateless_scope(model, weights):
+        return model(x, training=training)
+
+
+def stateless_scope(model: keras.layers.Layer, weights: dict[str, Any]):
+    """A ``keras.StatelessScope`` in which ``model``'s variables read ``weights``.
+
+    Variables missing from ``weights`` read their current values (inside
+    ``fit``, the trainer's traced values). Assignments made in the scope (BatchNorm
+    statistics, seed states, metrics) are discarded when it closes. The model is
+    then called through ``model(x, training=...)``, as a user calls it, so
+    ``training`` reaches every layer, also in subclassed models whose ``call`` has
+    no ``training`` argument.
+    """
+    mapping = [(v, weights[v.path] if v.path in weights else v.value) for v in model.variables]
+    return keras.StatelessScope(state_mapping=mapping)

@@ -123,3 +123,23 @@ def test_second_order_through_functional_call(rng):
     x0 = np.array([[0.7]], dtype="float32")
     mixed = func.grad(dfdw)(x0, func.weights_of(model))
     assert_close(mixed, [[9 * k**2 * 0.7**2]], rtol=1e-4)
+
+
+class _NoTrainingArg(keras.Model):
+    def __init__(self):
+        super().__init__(name="sub")
+        self.d = keras.layers.Dense(2, name="d")
+
+    def call(self, x):  # no `training` argument, as many subclassed models
+        return self.d(x)
+
+
+def test_functional_call_on_a_subclassed_model_without_training_arg(rng):
+    model = _NoTrainingArg()
+    x = rng.normal(size=(3, 4)).astype("float32")
+    model(x)
+    w = func.weights_of(model)
+    out = func.functional_call(model, w, x, training=True)
+    assert_close(out, np_(model(x)))
+    g = func.grad(lambda w: ops.sum(func.functional_call(model, w, x)))(w)
+    assert_close(g[model.d.bias.path], [3.0, 3.0])
