@@ -4,6 +4,7 @@ The transforms live in :mod:`kgrad.func`; the model-level API is added on top.
 """
 
 from kgrad import func
+from kgrad._compiled import clear_cache, get_jit_compile, set_jit_compile
 from kgrad._memory import get_memory_budget, set_memory_budget
 from kgrad.api import LayerGrad, grad, hessian, hvp, jacobian, layer_grad, value_and_grad
 from kgrad.backends import SUPPORTED as SUPPORTED_BACKENDS
@@ -21,6 +22,9 @@ __all__ = [
     "LayerGrad",
     "set_memory_budget",
     "get_memory_budget",
+    "set_jit_compile",
+    "get_jit_compile",
+    "clear_cache",
     "SUPPORTED_BACKENDS",
     "__version__",
 ]

@@ -61,6 +61,15 @@ class Request:
     layers_spec: Any = None
     of_key: str | None = None
     args_template: dict = dataclasses.field(default_factory=dict)
+    # Values for every variable of the model (aligned with ``model.variables``),
+    # given when the request runs inside a compiled function: then no variable
+    # is read, so nothing is baked into the compiled code.
+    state: Any = None
+
+    def _variable_values(self) -> dict[int, Any]:
+        if self.state is None:
+            return {}
+        return {id(v): s for v, s in zip(self.model.variables, self.state)}
 
     # ------------------------------------------------------------ running
 
@@ -70,7 +79,8 @@ class Request:
         if self.layers_given:
             chosen = {id(v) for layer in self.layers for v in layer.trainable_variables}
             variables = [v for v in variables if id(v) in chosen]
-        return {v.path: v.value for v in variables}
+        given = self._variable_values()
+        return {v.path: given[id(v)] if id(v) in given else v.value for v in variables}
 
     @property
     def layers_given(self) -> bool:
@@ -87,7 +97,8 @@ class Request:
             out = self.model(x)
             return out, None, extra(out) if extra else None
         watch = _layers.Watch(self.watch, args.get("activations"))
-        with _model.stateless_scope(self.model, args.get("weights", {})), watch.active():
+        scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
+        with scope, watch.active():
             y_pred = self.model(x, training=self.training)
             out = y_pred if self.of is None else watch.outputs.get(self.of_key)
             result = extra(out) if extra else None
@@ -257,8 +268,13 @@ def prepare(
     y=None,
     loss=None,
     training=False,
+    state=None,
 ) -> Request:
-    """Validates a model-level call and returns its :class:`Request`."""
+    """Validates a model-level call and returns its :class:`Request`.
+
+    ``state`` (values aligned with ``model.variables``) replaces every variable
+    read; compiled functions pass it so that weights are arguments.
+    """
     backend = _backends.load()
     kinds, single = _normalize_wrt(wrt, fname)
     is_keras = isinstance(model, keras.layers.Layer)
@@ -311,6 +327,7 @@ def prepare(
         training=bool(training),
         is_keras=is_keras,
         batch_size=batch,
+        state=state,
     )
     req.layers_spec = layers
     if is_keras:

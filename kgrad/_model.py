@@ -70,7 +70,9 @@ def stateless_apply(
         return model(x, training=training)
 
 
-def stateless_scope(model: keras.layers.Layer, weights: dict[str, Any]):
+def stateless_scope(
+    model: keras.layers.Layer, weights: dict[str, Any], by_id: dict[int, Any] | None = None
+):
     """A ``keras.StatelessScope`` in which ``model``'s variables read ``weights``.
 
     Variables missing from ``weights`` read their current values (inside
@@ -78,7 +80,16 @@ def stateless_scope(model: keras.layers.Layer, weights: dict[str, Any]):
     statistics, seed states, metrics) are discarded when it closes. The model is
     then called through ``model(x, training=...)``, as a user calls it, so
     ``training`` reaches every layer, also in subclassed models whose ``call`` has
-    no ``training`` argument.
+    no ``training`` argument. ``by_id`` (``id(variable)`` -> value) gives values
+    for variables missing from ``weights``.
     """
-    mapping = [(v, weights[v.path] if v.path in weights else v.value) for v in model.variables]
+    by_id = by_id or {}
+    mapping = []
+    for v in model.variables:
+        if v.path in weights:
+            mapping.append((v, weights[v.path]))
+        elif id(v) in by_id:
+            mapping.append((v, by_id[id(v)]))
+        else:
+            mapping.append((v, v.value))
     return keras.StatelessScope(state_mapping=mapping)

@@ -26,7 +26,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _engine, _errors, _jac, _memory, func
+from kgrad import _compiled, _engine, _errors, _jac, _memory, func
 from kgrad import backends as _backends
 
 ops = keras.ops
@@ -72,6 +72,20 @@ def _substitute(args, kind, struct, flat, i, v):
     return new
 
 
+def _output_for_shape(req: _engine.Request, args):
+    """The selected output, computed only for its shape and structure.
+
+    JAX and TensorFlow compile it away (nothing uses its value); PyTorch runs
+    it without recording a graph.
+    """
+    if _backends.name() == "torch":
+        import torch
+
+        with torch.no_grad():
+            return req.selected_output(args)
+    return req.selected_output(args)
+
+
 def _objective_check(req: _engine.Request):
     if not req.has_loss and any(k in _engine.BATCHED for k in req.wrt):
         req.check_per_sample("Input and activation gradients without a loss")
@@ -114,18 +128,11 @@ def value_and_grad(
     >>> tuple(g.shape)
     (3, 2)
     """
-    req = _engine.prepare(
-        "value_and_grad",
-        model,
-        x,
-        wrt=wrt,
-        layers=layers,
-        of=of,
-        target=target,
-        y=y,
-        loss=loss,
-        training=training,
-    )
+    options = dict(wrt=wrt, layers=layers, of=of, target=target, loss=loss, training=training)
+    return _compiled.call("value_and_grad", _value_and_grad, model, {"x": x, "y": y}, options)
+
+
+def _value_and_grad(req: _engine.Request, arrays, options):
     _objective_check(req)
     value, g = func.value_and_grad(req.objective)(req.args())
     return value, _result(req, g)
@@ -180,18 +187,11 @@ def grad(
     >>> tuple(kgrad.grad(model, x, wrt="activations", layers="d").shape)
     (4, 3)
     """
-    req = _engine.prepare(
-        "grad",
-        model,
-        x,
-        wrt=wrt,
-        layers=layers,
-        of=of,
-        target=target,
-        y=y,
-        loss=loss,
-        training=training,
-    )
+    options = dict(wrt=wrt, layers=layers, of=of, target=target, loss=loss, training=training)
+    return _compiled.call("grad", _grad, model, {"x": x, "y": y}, options)
+
+
+def _grad(req: _engine.Request, arrays, options):
     _objective_check(req)
     return _result(req, func.grad(req.objective)(req.args()))
 
@@ -254,11 +254,24 @@ def jacobian(
     (5, 2, 3)
     """
     _check_chunk(chunk_size)
-    req = _engine.prepare(
-        "jacobian", model, x, wrt=wrt, layers=layers, of=of, target=target, training=training
+    options = dict(
+        wrt=wrt,
+        layers=layers,
+        of=of,
+        target=target,
+        training=training,
+        per_sample=per_sample,
+        mode=mode,
+        chunk_size=chunk_size,
     )
+    return _compiled.call("jacobian", _jacobian, model, {"x": x}, options)
+
+
+def _jacobian(req: _engine.Request, arrays, options):
+    of, target = options["of"], options["target"]
+    per_sample, mode, chunk_size = options["per_sample"], options["mode"], options["chunk_size"]
     args = req.args()
-    probe_out = req.selected_output(args)
+    probe_out = _output_for_shape(req, args)
     if not hasattr(probe_out, "shape"):
         raise ValueError(
             "`kgrad.jacobian` needs a single output tensor, but the output is a "
@@ -339,18 +352,21 @@ def hessian(
     (4, 2, 2)
     """
     _check_chunk(chunk_size)
-    req = _engine.prepare(
-        "hessian",
-        model,
-        x,
+    options = dict(
         wrt=wrt,
         layers=layers,
         of=of,
         target=target,
-        y=y,
         loss=loss,
         training=training,
+        per_sample=per_sample,
+        chunk_size=chunk_size,
     )
+    return _compiled.call("hessian", _hessian, model, {"x": x, "y": y}, options)
+
+
+def _hessian(req: _engine.Request, arrays, options):
+    per_sample, chunk_size = options["per_sample"], options["chunk_size"]
     args = req.args()
     per_kind = {}
     for kind in req.wrt:
@@ -368,7 +384,7 @@ def hessian(
             continue
         if per_sample:  # the block-diagonal trick needs independent samples, loss or not
             req.check_per_sample("Hessians with per_sample=True")
-        out_shape = () if req.has_loss else tuple(req.selected_output(args).shape)
+        out_shape = () if req.has_loss else tuple(_output_for_shape(req, args).shape)
         out_rank = max(len(out_shape) - 1, 0)
         flat = tree.flatten(struct)
         results = []
@@ -436,15 +452,17 @@ def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, trai
     """
     if not isinstance(wrt, str):
         raise ValueError(f"`kgrad.hvp` takes one `wrt` kind. Received: wrt={wrt!r}.")
-    req = _engine.prepare(
-        "hvp", model, x, wrt=wrt, layers=layers, y=y, loss=loss, training=training
-    )
+    options = dict(wrt=wrt, layers=layers, loss=loss, training=training)
+    return _compiled.call("hvp", _hvp, model, {"x": x, "y": y, "vector": vector}, options)
+
+
+def _hvp(req: _engine.Request, arrays, options):
+    wrt, vector = options["wrt"], arrays["vector"]
     if not req.has_loss:
         if wrt != "weights":
             req.check_per_sample("Hessian-vector products without a loss")
     args = req.args()
     full = args[wrt]
-    vector = tree.map_structure(_backends.load().convert, vector)
     if wrt in ("weights", "activations"):
         if not isinstance(vector, dict):
             raise TypeError(
@@ -537,17 +555,17 @@ def layer_grad(model, x, y=None, *, loss=None, layers=None, target=None, trainin
     >>> list(report), report["drop"].weight_grads
     (['a', 'drop', 'b'], {})
     """
-    req = _engine.prepare(
-        "layer_grad",
-        model,
-        x,
-        wrt=("activations", "weights"),
-        layers=layers,
-        target=target,
-        y=y,
-        loss=loss,
-        training=training,
+    options = dict(
+        wrt=("activations", "weights"), layers=layers, target=target, loss=loss, training=training
     )
+    return _compiled.call(
+        "layer_grad", _layer_grad, model, {"x": x, "y": y}, options, finish=_layer_grads
+    )
+
+
+def _layer_grad(req: _engine.Request, arrays, options):
+    """``{name: (output, output_grad, {short weight name: gradient})}`` in model order."""
+    model = req.model
     if not req.has_loss:
         req.check_per_sample("Activation gradients without a loss")
     args = req.args()
@@ -557,21 +575,28 @@ def layer_grad(model, x, y=None, *, loss=None, layers=None, target=None, trainin
         return value, {name: watch.outputs[name] for name in req.act_names}
 
     g, outputs = func.grad(objective, has_aux=True)(args)
-    top = list(model.layers)
     result = {}
     for layer in req.layers:
         name = _engine._layers.key(model, layer)
-        index = next((i for i, t in enumerate(top) if t is layer), -1)
         wgrads = {
             _short_name(layer, v): g["weights"][v.path]
             for v in layer.trainable_variables
             if v.path in g["weights"]
         }
-        result[name] = LayerGrad(
-            name=name,
-            index=index,
-            output=outputs.get(name),
-            output_grad=g["activations"].get(name),
-            weight_grads=wgrads,
-        )
+        result[name] = (outputs.get(name), g["activations"].get(name), wgrads)
     return result
+
+
+def _layer_grads(model, raw) -> dict[str, LayerGrad]:
+    top = list(model.layers)
+    names = {_engine._layers.key(model, layer): i for i, layer in enumerate(top)}
+    return {
+        name: LayerGrad(
+            name=name,
+            index=names.get(name, -1),
+            output=output,
+            output_grad=output_grad,
+            weight_grads=dict(wgrads),
+        )
+        for name, (output, output_grad, wgrads) in raw.items()
+    }
