@@ -32,3 +32,14 @@ def test_readme_example_runs(capsys):
     out = capsys.readouterr().out
     assert "-0.375" in out and "['net/out/bias', 'net/out/kernel']" in out
     assert "(16, 2, 3) (16, 3, 3) ['hidden', 'drop', 'out']" in out
+
+
+def test_training_guide_runs(capsys):
+    import re
+
+    guide = (pathlib.Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    scope = {}
+    for block in re.findall(r"```python\n(.*?)```", guide, re.S):
+        exec(compile(block, "docs/training.md", "exec"), scope)
+    error = float(re.search(r"max error (\S+)", capsys.readouterr().out).group(1))
+    assert error < 2e-2
