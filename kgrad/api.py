@@ -72,18 +72,35 @@ def _substitute(args, kind, struct, flat, i, v):
     return new
 
 
-def _output_for_shape(req: _engine.Request, args):
-    """The selected output, computed only for its shape and structure.
+class _Shape:
+    """Stands for an output tensor whose shape is all that is needed."""
 
-    JAX and TensorFlow compile it away (nothing uses its value); PyTorch runs
-    it without recording a graph.
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _output_for_shape(req: _engine.Request, args, per_sample: bool):
+    """The selected output (or a stand-in with its shape), for shape and structure.
+
+    JAX and TensorFlow compile it away (nothing uses its value). PyTorch runs
+    eagerly, so it runs the model without a graph and, for per-sample
+    requests, on the first sample only (every output is batch-first then).
     """
-    if _backends.name() == "torch":
-        import torch
+    if _backends.name() != "torch":
+        return req.selected_output(args)
+    import torch
 
-        with torch.no_grad():
+    with torch.no_grad():
+        if not (per_sample and req.batch_size > 1):
             return req.selected_output(args)
-    return req.selected_output(args)
+        small = dict(args)
+        small["inputs"] = tree.map_structure(lambda a: a[:1], args.get("inputs", req.x))
+        if "activations" in small:
+            small["activations"] = tree.map_structure(lambda a: a[:1], small["activations"])
+        out = req.selected_output(small)
+        if not hasattr(out, "shape") or not len(out.shape) or out.shape[0] != 1:
+            return req.selected_output(args)  # not batch-first: look at the whole batch
+    return _Shape((req.batch_size, *out.shape[1:]))
 
 
 def _objective_check(req: _engine.Request):
@@ -271,7 +288,7 @@ def _jacobian(req: _engine.Request, arrays, options):
     of, target = options["of"], options["target"]
     per_sample, mode, chunk_size = options["per_sample"], options["mode"], options["chunk_size"]
     args = req.args()
-    probe_out = _output_for_shape(req, args)
+    probe_out = _output_for_shape(req, args, per_sample)
     if not hasattr(probe_out, "shape"):
         raise ValueError(
             "`kgrad.jacobian` needs a single output tensor, but the output is a "
@@ -384,7 +401,7 @@ def _hessian(req: _engine.Request, arrays, options):
             continue
         if per_sample:  # the block-diagonal trick needs independent samples, loss or not
             req.check_per_sample("Hessians with per_sample=True")
-        out_shape = () if req.has_loss else tuple(_output_for_shape(req, args).shape)
+        out_shape = () if req.has_loss else tuple(_output_for_shape(req, args, per_sample).shape)
         out_rank = max(len(out_shape) - 1, 0)
         flat = tree.flatten(struct)
         results = []

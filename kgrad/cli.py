@@ -23,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quick", action="store_true", help="only the three small demos")
     cmp_.add_argument("--tolerance", type=float, default=None, help="relative, default 1e-3")
     sub.add_parser("report", help="the gradient report of a saved model (not yet available)")
-    sub.add_parser("bench", help="kgrad against native code (not yet available)")
+    bench = sub.add_parser(
+        "bench", help="time kgrad against hand-written native code on the active backend"
+    )
+    bench.add_argument("--quick", action="store_true", help="smaller sizes, 5 rounds")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--repeats", type=int, default=None, help="rounds per case")
     return parser
 
 
@@ -64,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         except (ValueError, RuntimeError) as err:
             print(f"kgrad compare: {err}", file=sys.stderr)
+            return 2
+    if args.command == "bench":
+        from kgrad import bench
+
+        argv_bench = ["--quick"] * args.quick + ["--json"] * args.json
+        if args.repeats is not None:
+            argv_bench += ["--repeats", str(args.repeats)]
+        try:
+            return bench.main(argv_bench)
+        except (ValueError, NotImplementedError) as err:
+            print(f"kgrad bench: {err}", file=sys.stderr)
             return 2
     print(f"kgrad {args.command}: not available in this version yet.", file=sys.stderr)
     return 2

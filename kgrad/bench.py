@@ -1,0 +1,717 @@
+"""``kgrad bench``: kgrad against hand-written native code, on the active backend.
+
+Every case times one kgrad call against the code an expert would write
+directly in the framework Keras runs on, in the same process, on the same
+model, weights and inputs:
+
+- a PINN-sized MLP (2-64-64-64-1, tanh): per-sample input gradient,
+  Jacobian and Hessian of output 0, at N = 256, 4096 and 65536;
+- the weight gradient of the MSE loss of a small CNN
+  (28x28x1 -> Conv2D 16 -> MaxPool -> Conv2D 32 -> global average pool -> 10);
+- the per-sample loop of old forum answers (one eager model call and one
+  gradient per sample) against kgrad's one batched input-gradient call.
+
+The native references are
+
+- JAX: ``jax.jit(jax.vmap(jax.grad / jax.jacrev / jax.hessian))`` of a
+  single-sample function built on ``model.stateless_call``, the weight values
+  passed as arguments (not closed over); the CNN: ``jax.jit(jax.grad)`` of the
+  loss with respect to the trainable values;
+- PyTorch: ``torch.func.vmap`` of ``torch.func.grad / jacrev / hessian`` of
+  the same single-sample function (weights as arguments); the CNN:
+  ``torch.func.grad`` of the loss;
+- TensorFlow: ``tf.function`` with ``tf.GradientTape`` (``tape.gradient`` of
+  the sum, ``tape.batch_jacobian``, nested tapes for the Hessian), the
+  weights read from the variables inside the function; the CNN: a tape and
+  ``tape.gradient`` with respect to ``model.trainable_variables``.
+
+Method: kgrad and the native code are checked to agree once per case (after
+conversion to NumPy, ``rtol=1e-4, atol=1e-5``; a disagreement is flagged in the
+row's note). Both are called once (kgrad's first call, which compiles on JAX
+and TensorFlow, is reported as ``first_call_s``) and once more to warm up.
+Then, for each of R rounds, one kgrad call and one native call are timed with
+``time.perf_counter``, in alternating order, each synchronised (JAX:
+``block_until_ready`` on every leaf; TensorFlow and PyTorch: every leaf
+converted to NumPy). The medians of the kgrad times, the native times and the
+per-round ratios kgrad/native are reported. Expensive cases run fewer rounds
+(at least 3) so that a case takes about a minute at most.
+
+Usage (only the active Keras backend is measured)::
+
+    KERAS_BACKEND=jax python -m kgrad.bench --quick
+    KERAS_BACKEND=torch kgrad bench --json
+
+``benchmarks/run.py`` runs all three backends, one process each, and prints
+one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run", "format_table", "format_markdown", "environment", "main"]
+
+#: Rounds per case (full run, quick run).
+ROUNDS = 15
+QUICK_ROUNDS = 5
+#: Fewest rounds of an expensive case.
+MIN_ROUNDS = 3
+#: Seconds of timed rounds per case, beyond which fewer rounds run.
+BUDGET_S = 60.0
+QUICK_BUDGET_S = 10.0
+#: Agreement tolerance between kgrad and the native code.
+RTOL, ATOL = 1e-4, 1e-5
+
+MLP_SIZES = (256, 4096, 65536)
+QUICK_MLP_SIZES = (256, 4096)
+CNN_BATCH, QUICK_CNN_BATCH = 128, 32
+LOOP_N, QUICK_LOOP_N = 256, 64
+
+COLUMNS = ("backend", "case", "n", "kgrad_s", "native_s", "ratio", "first_call_s", "note")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _log(message: str) -> None:
+    print(f"kgrad bench: {message}", file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment() -> dict[str, Any]:
+    """Describes where the benchmark runs: versions, CPU, cores, device.
+
+    Returns:
+        A dict with keys ``backend``, ``framework`` (name and version of the
+        active backend's framework), ``keras``, ``kgrad``, ``python``, ``cpu``,
+        ``cores``, ``device`` (what the backend computes on) and ``threads``
+        (the framework's intra-op threads where it says, else ``None``).
+    """
+    import keras
+
+    import kgrad
+
+    backend = keras.backend.backend()
+    version, device, threads = "?", "cpu", None
+    if backend == "jax":
+        import jax
+
+        version = jax.__version__
+        dev = jax.devices()[0]
+        device = dev.platform if dev.platform == "cpu" else f"{dev.platform} {dev.device_kind}"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        version = tf.__version__
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or None
+        gpus = tf.config.list_physical_devices("GPU")
+        device = f"gpu x{len(gpus)}" if gpus else "cpu"
+    elif backend == "torch":
+        import torch
+
+        version = torch.__version__
+        threads = torch.get_num_threads()
+        if torch.cuda.is_available():
+            device = f"cuda {torch.cuda.get_device_name(0)}"
+    return {
+        "backend": backend,
+        "framework": f"{backend} {version}",
+        "keras": keras.__version__,
+        "kgrad": kgrad.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "device": device,
+        "threads": threads,
+    }
+
+
+def _leaves(value) -> list:
+    if isinstance(value, dict):
+        return [leaf for k in value for leaf in _leaves(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _sync(backend: str) -> Callable[[Any], None]:
+    """A function that waits until every leaf of a result is computed."""
+    if backend == "jax":
+        wait = lambda leaf: leaf.block_until_ready()
+    elif backend == "torch":
+        wait = lambda leaf: leaf.detach().cpu().numpy()
+    else:
+        wait = lambda leaf: leaf.numpy()
+
+    def sync(out) -> None:
+        for leaf in _leaves(out):
+            wait(leaf)
+
+    return sync
+
+
+def _numpy(value):
+    import keras
+
+    if isinstance(value, dict):
+        return {k: _numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numpy(v) for v in value]
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _disagreement(a, b) -> str | None:
+    """``None`` when ``a`` and ``b`` agree, else what differs."""
+    a, b = _numpy(a), _numpy(b)
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            return "different keys"
+        for k in a:
+            problem = _disagreement(a[k], b[k])
+            if problem:
+                return f"{k}: {problem}"
+        return None
+    if a.shape != b.shape:
+        return f"shapes {a.shape} vs {b.shape}"
+    if not np.allclose(a, b, rtol=RTOL, atol=ATOL):
+        return f"max |diff| {float(np.max(np.abs(a.astype('float64') - b))):.2e}"
+    return None
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[Any], None]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    sync(out)
+    return time.perf_counter() - start, out
+
+
+def _measure(
+    backend: str,
+    case: str,
+    n: int,
+    kgrad_fn: Callable[[], Any],
+    native_fn: Callable[[], Any],
+    rounds: int,
+    budget_s: float,
+    note: str = "",
+    speedup: bool = False,
+    compare: bool = True,
+) -> dict[str, Any]:
+    """Checks agreement (unless ``compare=False``), warms up, then times interleaved rounds."""
+    sync = _sync(backend)
+    gc.collect()
+    first, k_out = _timed(kgrad_fn, sync)
+    native_first, n_out = _timed(native_fn, sync)
+    problem = _disagreement(k_out, n_out) if compare else None
+    del k_out, n_out
+    warm_k, _ = _timed(kgrad_fn, sync)
+    warm_n, _ = _timed(native_fn, sync)
+    # Expensive cases run fewer rounds, never fewer than MIN_ROUNDS (or `rounds`).
+    affordable = int(budget_s / max(warm_k + warm_n, 1e-9))
+    r = max(min(rounds, MIN_ROUNDS), min(rounds, affordable))
+    k_times, n_times, ratios = [], [], []
+    for i in range(r):
+        if i % 2 == 0:
+            tk, _ = _timed(kgrad_fn, sync)
+            tn, _ = _timed(native_fn, sync)
+        else:
+            tn, _ = _timed(native_fn, sync)
+            tk, _ = _timed(kgrad_fn, sync)
+        k_times.append(tk)
+        n_times.append(tn)
+        ratios.append(tk / tn)
+    kgrad_s, native_s = statistics.median(k_times), statistics.median(n_times)
+    parts = []
+    if problem:
+        parts.append(f"WARNING kgrad != native ({problem})")
+        _log(f"WARNING: {case} n={n}: kgrad and native results differ: {problem}")
+    if speedup:
+        parts.append(f"speed-up {native_s / kgrad_s:.1f}x")
+    if note:
+        parts.append(note)
+    parts.append(f"native 1st {native_first:.3f}s")
+    if r != rounds:
+        parts.append(f"R={r}")
+    row = {
+        "backend": backend,
+        "case": case,
+        "n": n,
+        "kgrad_s": kgrad_s,
+        "native_s": native_s,
+        "ratio": statistics.median(ratios),
+        "first_call_s": first,
+        "note": "; ".join(parts),
+    }
+    _log(
+        f"{case:<28} n={n:<6} kgrad {kgrad_s:.6f}s native {native_s:.6f}s "
+        f"ratio {row['ratio']:.3g} ({r} rounds)"
+    )
+    return row
+
+
+# ---------------------------------------------------------------------- models
+
+
+def _mlp():
+    import keras
+
+    inputs = keras.Input((2,))
+    h = inputs
+    for i in range(3):
+        h = keras.layers.Dense(64, activation="tanh", name=f"hidden{i}")(h)
+    outputs = keras.layers.Dense(1, name="out")(h)
+    return keras.Model(inputs, outputs, name="pinn_mlp")
+
+
+def _cnn():
+    import keras
+
+    inputs = keras.Input((28, 28, 1))
+    h = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
+    h = keras.layers.MaxPooling2D(name="pool")(h)
+    h = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    outputs = keras.layers.Dense(10, name="out")(h)
+    return keras.Model(inputs, outputs, name="small_cnn")
+
+
+# ------------------------------------------------------------ native references
+
+
+def _native_jax(kind: str, model, x, y=None) -> Callable[[], Any]:
+    import jax
+    import jax.numpy as jnp
+
+    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+
+    def values():
+        return [v.value for v in trainable], [v.value for v in non_trainable]
+
+    def single(tv, ntv, xi):
+        out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
+        return out[0]
+
+    if kind == "cnn":
+
+        def loss(tv, ntv, xb, yb):
+            pred, _ = model.stateless_call(tv, ntv, xb, training=False)
+            return jnp.mean(jnp.square(pred - yb))
+
+        fn = jax.jit(jax.grad(loss))
+        paths = [v.path for v in trainable]
+        return lambda: dict(zip(paths, fn(*values(), x, y)))
+    if kind == "loop":  # what old forum answers do: jax.grad per sample, no jit
+
+        def per_sample():
+            tv, ntv = values()
+            g = jax.grad(lambda xi: jnp.sum(single(tv, ntv, xi)))
+            return jnp.stack([g(x[i]) for i in range(x.shape[0])])
+
+        return per_sample
+    if kind == "grad":
+        transform = jax.grad(lambda tv, ntv, xi: jnp.sum(single(tv, ntv, xi)), argnums=2)
+    elif kind == "jacobian":
+        transform = jax.jacrev(single, argnums=2)
+    else:
+        transform = jax.hessian(lambda tv, ntv, xi: single(tv, ntv, xi)[0], argnums=2)
+    fn = jax.jit(jax.vmap(transform, in_axes=(None, None, 0)))
+    return lambda: fn(*values(), x)
+
+
+def _native_torch(kind: str, model, x, y=None) -> Callable[[], Any]:
+    import torch
+    from torch import func as tfunc
+
+    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+
+    def values():
+        # Detached: torch.func differentiates; no outer autograd graph is recorded.
+        return [v.value.detach() for v in trainable], [v.value.detach() for v in non_trainable]
+
+    def single(tv, ntv, xi):
+        out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
+        return out[0]
+
+    if kind == "cnn":
+
+        def loss(tv, ntv, xb, yb):
+            pred, _ = model.stateless_call(tv, ntv, xb, training=False)
+            return torch.mean(torch.square(pred - yb))
+
+        fn = tfunc.grad(loss)
+        paths = [v.path for v in trainable]
+        return lambda: dict(zip(paths, fn(*values(), x, y)))
+    if kind == "loop":  # what old forum answers do: autograd per sample
+
+        def per_sample():
+            grads = []
+            for i in range(x.shape[0]):
+                xi = x[i : i + 1].detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(model(xi, training=False).sum(), xi)
+                grads.append(g)
+            return torch.cat(grads)
+
+        return per_sample
+    if kind == "grad":
+        transform = tfunc.grad(lambda tv, ntv, xi: single(tv, ntv, xi).sum(), argnums=2)
+    elif kind == "jacobian":
+        transform = tfunc.jacrev(single, argnums=2)
+    else:
+        transform = tfunc.hessian(lambda tv, ntv, xi: single(tv, ntv, xi)[0], argnums=2)
+    fn = tfunc.vmap(transform, in_dims=(None, None, 0))
+    return lambda: fn(*values(), x)
+
+
+def _native_tensorflow(kind: str, model, x, y=None) -> Callable[[], Any]:
+    import tensorflow as tf
+
+    if kind == "cnn":
+        paths = [v.path for v in model.trainable_variables]
+
+        @tf.function
+        def cnn_grad(xb, yb):
+            with tf.GradientTape() as tape:
+                pred = model(xb, training=False)
+                loss = tf.reduce_mean(tf.square(pred - yb))
+            return tape.gradient(loss, model.trainable_variables)
+
+        return lambda: dict(zip(paths, cnn_grad(x, y)))
+    if kind == "loop":  # what old forum answers do: one eager tape per sample
+
+        def per_sample():
+            grads = []
+            for i in range(x.shape[0]):
+                xi = x[i : i + 1]
+                with tf.GradientTape() as tape:
+                    tape.watch(xi)
+                    out = tf.reduce_sum(model(xi, training=False))
+                grads.append(tape.gradient(out, xi))
+            return tf.concat(grads, axis=0)
+
+        return per_sample
+    if kind == "grad":
+
+        @tf.function
+        def fn(xb):
+            with tf.GradientTape() as tape:
+                tape.watch(xb)
+                out = tf.reduce_sum(model(xb, training=False))
+            return tape.gradient(out, xb)
+
+    elif kind == "jacobian":
+
+        @tf.function
+        def fn(xb):
+            with tf.GradientTape() as tape:
+                tape.watch(xb)
+                out = model(xb, training=False)
+            return tape.batch_jacobian(out, xb)
+
+    else:
+
+        @tf.function
+        def fn(xb):
+            with tf.GradientTape() as outer:
+                outer.watch(xb)
+                with tf.GradientTape() as inner:
+                    inner.watch(xb)
+                    out = tf.reduce_sum(model(xb, training=False)[:, 0])
+                g = inner.gradient(out, xb)
+            return outer.batch_jacobian(g, xb)
+
+    return lambda: fn(x)
+
+
+def _forward(backend: str, model, x) -> Callable[[], Any]:
+    """One forward pass of the batch, as users run inference on each backend."""
+    if backend == "torch":
+        import torch
+
+        def forward():
+            with torch.no_grad():
+                return model(x, training=False)
+
+        return forward
+    if backend == "jax":
+        import jax
+
+        trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+        fn = jax.jit(lambda tv, ntv, xb: model.stateless_call(tv, ntv, xb, training=False)[0])
+        return lambda: fn([v.value for v in trainable], [v.value for v in non_trainable], x)
+    import tensorflow as tf
+
+    fn = tf.function(lambda xb: model(xb, training=False))
+    return lambda: fn(x)
+
+
+_NATIVE = {"jax": _native_jax, "torch": _native_torch, "tensorflow": _native_tensorflow}
+
+
+# ------------------------------------------------------------------------- run
+
+
+def _warm_up_machinery() -> None:
+    """One tiny kgrad call, so that ``first_call_s`` is not the import of kgrad's backend."""
+    import keras
+
+    import kgrad
+
+    tiny = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    kgrad.grad(tiny, np.ones((2, 2), "float32"))
+
+
+def run(quick: bool = False, repeats: int | None = None) -> list[dict[str, Any]]:
+    """Runs every case on the active Keras backend.
+
+    Args:
+        quick: smaller sizes and fewer rounds (N = 256 and 4096, a CNN batch
+            of 32, a loop over 64 samples, 5 rounds).
+        repeats: rounds per case (default 15, quick 5); expensive cases run
+            fewer, but at least 3.
+
+    Returns:
+        One dict per case with the keys ``backend``, ``case``, ``n``,
+        ``kgrad_s`` and ``native_s`` (median seconds per call), ``ratio``
+        (median per-round kgrad/native), ``first_call_s`` (kgrad's first call,
+        compilation included) and ``note`` (the per-sample loop's speed-up,
+        disagreements, the native first call, reduced rounds).
+
+    Raises:
+        NotImplementedError: when Keras runs on a backend kgrad does not support.
+    """
+    import keras
+
+    import kgrad
+
+    backend = keras.backend.backend()
+    if backend not in _NATIVE:
+        raise NotImplementedError(
+            f"kgrad bench needs the jax, tensorflow or torch backend. Received: "
+            f"keras.backend.backend()={backend!r}."
+        )
+    native = _NATIVE[backend]
+    rounds = repeats if repeats is not None else (QUICK_ROUNDS if quick else ROUNDS)
+    if rounds < 1:
+        raise ValueError(f"`repeats` must be at least 1. Received: repeats={repeats!r}.")
+    budget = QUICK_BUDGET_S if quick else BUDGET_S
+    rng = np.random.default_rng(0)
+    convert = keras.ops.convert_to_tensor
+    _warm_up_machinery()
+    rows = []
+
+    keras.utils.set_random_seed(0)
+    mlp = _mlp()
+    for n in QUICK_MLP_SIZES if quick else MLP_SIZES:
+        x = convert(rng.uniform(-1.0, 1.0, size=(n, 2)).astype("float32"))
+        cases = [
+            ("mlp input grad", "grad", lambda x=x: kgrad.grad(mlp, x)),
+            ("mlp jacobian", "jacobian", lambda x=x: kgrad.jacobian(mlp, x)),
+            ("mlp hessian (output 0)", "hessian", lambda x=x: kgrad.hessian(mlp, x, target=0)),
+        ]
+        for case, kind, kgrad_fn in cases:
+            rows.append(_measure(backend, case, n, kgrad_fn, native(kind, mlp, x), rounds, budget))
+        # The per-sample Hessian against one plain forward pass of the batch.
+        rows.append(
+            _measure(
+                backend,
+                "mlp hessian vs forward",
+                n,
+                cases[2][2],
+                _forward(backend, mlp, x),
+                rounds,
+                budget,
+                note="native = model(x) forward pass",
+                compare=False,
+            )
+        )
+
+    keras.utils.set_random_seed(0)
+    cnn = _cnn()
+    batch = QUICK_CNN_BATCH if quick else CNN_BATCH
+    xc = convert(rng.normal(size=(batch, 28, 28, 1)).astype("float32"))
+    yc = convert(rng.normal(size=(batch, 10)).astype("float32"))
+    rows.append(
+        _measure(
+            backend,
+            "cnn weight grad (mse)",
+            batch,
+            lambda: kgrad.grad(cnn, xc, y=yc, loss="mse", wrt="weights"),
+            native("cnn", cnn, xc, yc),
+            rounds,
+            budget,
+        )
+    )
+
+    n = QUICK_LOOP_N if quick else LOOP_N
+    x = convert(rng.uniform(-1.0, 1.0, size=(n, 2)).astype("float32"))
+    rows.append(
+        _measure(
+            backend,
+            "mlp input grad vs loop",
+            n,
+            lambda: kgrad.grad(mlp, x),
+            native("loop", mlp, x),
+            rounds,
+            budget,
+            note="native = eager per-sample loop",
+            speedup=True,
+        )
+    )
+    return rows
+
+
+# -------------------------------------------------------------------- printing
+
+
+def _environment_lines(environments: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        f"kgrad {e.get('kgrad', '?')} | backend {e.get('backend', '?')} "
+        f"({e.get('framework', '?')}, keras {e.get('keras', '?')}, python "
+        f"{e.get('python', '?')}) | CPU {e.get('cpu', '?')}, {e.get('cores', '?')} cores"
+        + (f", intra-op threads {e['threads']}" if e.get("threads") else "")
+        + (f" | device {e['device']}" if e.get("device", "cpu") != "cpu" else "")
+        for e in environments
+    ]
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["backend"]),
+        str(row["case"]),
+        str(row["n"]),
+        f"{row['kgrad_s']:.6f}",
+        f"{row['native_s']:.6f}",
+        f"{row['ratio']:.2f}" if row["ratio"] >= 0.01 else f"{row['ratio']:.1e}",
+        f"{row['first_call_s']:.3f}",
+        str(row.get("note", "")),
+    ]
+
+
+_HEADER = ["backend", "case", "n", "kgrad s", "native s", "kgrad/native", "first call s", "note"]
+
+
+def format_table(
+    rows: Sequence[dict[str, Any]], environments: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """Formats rows as a fixed-width text table.
+
+    Args:
+        rows: rows as returned by :func:`run` (of one or several backends).
+        environments: :func:`environment` dicts for the header lines (default:
+            this process's environment).
+
+    Returns:
+        The header lines (backend, framework and keras versions, CPU, cores)
+        followed by the table.
+
+    Example:
+
+    >>> row = dict(backend="jax", case="mlp input grad", n=256, kgrad_s=0.0012,
+    ...            native_s=0.001, ratio=1.2, first_call_s=0.5, note="")
+    >>> env = dict(kgrad="0.1.0", backend="jax", framework="jax 0.10.2",
+    ...            keras="3.15.1", python="3.11.7", cpu="Some CPU", cores=2)
+    >>> print(format_table([row], [env]))  # doctest: +NORMALIZE_WHITESPACE
+    kgrad 0.1.0 | backend jax (jax 0.10.2, keras 3.15.1, python 3.11.7) | CPU Some CPU, 2 cores
+    backend  case              n   kgrad s  native s  kgrad/native  first call s  note
+    jax      mlp input grad  256  0.001200  0.001000          1.20         0.500
+    """
+    if environments is None:
+        environments = [environment()]
+    body = [_cells(r) for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(_HEADER, *body)]
+    right = {2, 3, 4, 5, 6}
+
+    def line(cells):
+        out = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([*_environment_lines(environments), line(_HEADER), *map(line, body)])
+
+
+def format_markdown(
+    rows: Sequence[dict[str, Any]], environments: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """Formats rows as a Markdown table, with the environment as a list above it.
+
+    Args:
+        rows: rows as returned by :func:`run`.
+        environments: :func:`environment` dicts (default: this process's).
+
+    Returns:
+        Markdown text.
+    """
+    if environments is None:
+        environments = [environment()]
+    lines = [f"- {line}" for line in _environment_lines(environments)]
+    lines += [
+        "",
+        "| " + " | ".join(_HEADER) + " |",
+        "|" + "|".join(["---", "---", "---:", "---:", "---:", "---:", "---:", "---"]) + "|",
+    ]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in _cells(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark on the active backend and prints a table (or JSON).
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``):
+            ``[--quick] [--json] [--repeats R]``.
+
+    Returns:
+        The exit code: 0; 1 when kgrad and the native code disagreed somewhere;
+        2 for an unsupported backend or a bad ``--repeats``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m kgrad.bench",
+        description="Times kgrad against hand-written native code on the active Keras backend.",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, 5 rounds")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per case")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    env = environment()
+    _log(
+        f"{env['framework']}, keras {env['keras']}, {env['cpu']}, {env['cores']} cores"
+        + (" (quick)" if args.quick else "")
+    )
+    try:
+        rows = run(quick=args.quick, repeats=args.repeats)
+    except (ValueError, NotImplementedError) as err:
+        _log(str(err))
+        return 2
+    if args.json:
+        print(json.dumps({"environment": env, "rows": rows}, indent=2))
+    else:
+        print(format_table(rows, [env]))
+    return 1 if any(r["note"].startswith("WARNING") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
