@@ -501,6 +501,14 @@ def _hvp(req: _engine.Request, arrays, options):
                 f"Received: shape {tuple(v.shape)}."
             )
     vector = tree.map_structure(lambda v, p: ops.cast(v, p.dtype), vector, primal)
+    if _backends.name() == "tensorflow":
+        # Reverse over reverse: a ForwardAccumulator around a tape cannot follow
+        # Keras's LSTM/GRU inside a graph, and nested tapes are as fast here.
+        def along(p):
+            g = tree.flatten(func.grad(objective)(p))
+            return sum(ops.sum(a * b) for a, b in zip(g, tree.flatten(vector)))
+
+        return func.grad(along)(primal)
     _, hv = func.jvp(func.grad(objective), (primal,), (vector,))
     return hv
 

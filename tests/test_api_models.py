@@ -134,6 +134,52 @@ def test_layer_families(family, rng):
     assert list(report) == [layer.name for layer in model.layers]
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit_compile=True", "jit_compile=False"])
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_recurrent_second_order_and_forward_mode(family, jit, rng):
+    """hvp, weight Hessians and forward-mode Jacobians through LSTM and GRU loops.
+
+    Compiled and eager: inside ``tf.function`` TensorFlow's ForwardAccumulator
+    cannot follow the loops of Keras's recurrent layers, so kgrad must not rely on it.
+    """
+    model = FAMILIES[family]()
+    x = rng.normal(size=(3, 5, 3)).astype("float32")
+    y = rng.normal(size=(3, 2)).astype("float32")
+    previous = kgrad.get_jit_compile()
+    kgrad.set_jit_compile(jit)
+    try:
+        fwd = np_(kgrad.jacobian(model, x, mode="fwd"))
+        np.testing.assert_allclose(fwd, np_(kgrad.jacobian(model, x, mode="rev")), atol=1e-5)
+        # hvp against central differences of the loss gradient along the vector.
+        variables = model.trainable_variables
+        v = {w.path: rng.normal(size=tuple(w.shape)).astype("float32") for w in variables}
+        hv = np_(kgrad.hvp(model, x, v, y=y, loss="mse"))
+        start = [np_(w.value).copy() for w in variables]
+
+        def loss_grad(sign, eps=1e-2):
+            for w, w0 in zip(variables, start):
+                w.assign(w0 + sign * eps * v[w.path])
+            return np_(kgrad.grad(model, x, wrt="weights", y=y, loss="mse"))
+
+        g_plus, g_minus = loss_grad(1), loss_grad(-1)
+        for w, w0 in zip(variables, start):
+            w.assign(w0)
+        for path in v:
+            fd = (g_plus[path].astype("float64") - g_minus[path]) / 2e-2
+            scale = np.max(np.abs(fd)) + 1e-3
+            np.testing.assert_allclose(hv[path], fd, atol=5e-3 * scale, err_msg=path)
+        # The head's dense Hessian block times the vector is the hvp restricted to the head.
+        head = model.layers[-1]
+        H = np_(kgrad.hessian(model, x, wrt="weights", layers=head.name, y=y, loss="mse"))
+        v_head = {k: v[k] for k in H}
+        hv_head = np_(kgrad.hvp(model, x, v_head, layers=head.name, y=y, loss="mse"))
+        for i in H:
+            Hv = sum(np.tensordot(H[i][j], v_head[j], axes=v_head[j].ndim) for j in H)
+            np.testing.assert_allclose(Hv, hv_head[i], rtol=1e-4, atol=1e-5, err_msg=i)
+    finally:
+        kgrad.set_jit_compile(previous)
+
+
 def test_embedding_gradients_wrt_its_activations(rng):
     model = keras.Sequential(
         [

@@ -162,15 +162,58 @@ def vjp(f, *primals, has_aux=False):
     return (value, vjp_fn, aux) if has_aux else (value, vjp_fn)
 
 
+# Raised inside a graph when a ForwardAccumulator meets a loop it cannot follow.
+_ACCUMULATOR_ERRORS = (TypeError, ValueError, NotImplementedError)
+
+
 def jvp(f, primals, tangents, has_aux=False):
-    """Forward mode with ``tf.autodiff.ForwardAccumulator``."""
+    """Forward mode with ``tf.autodiff.ForwardAccumulator``.
+
+    Inside a graph the accumulator cannot follow a ``while`` loop that carries
+    a TensorList (Keras's LSTM and GRU: "`dtype` <dtype: 'variant'> is not
+    compatible"); there the product is taken by two reverse passes instead
+    (:func:`_jvp_by_two_vjps`), which gives the same numbers.
+    """
+    return _jvp(f, primals, tangents, has_aux, fallback=True)
+
+
+def _jvp(f, primals, tangents, has_aux, fallback):
     primals = [tree.map_structure(convert, p) for p in primals]
     p_flat = tree.flatten(primals)
     t_flat = [tf.cast(convert(t), p.dtype) for t, p in zip(tree.flatten(tangents), p_flat)]
-    with tf.autodiff.ForwardAccumulator(p_flat, t_flat) as acc, _exact_moments():
-        out = f(*primals)
+    try:
+        with tf.autodiff.ForwardAccumulator(p_flat, t_flat) as acc, _exact_moments():
+            out = f(*primals)
+    except _ACCUMULATOR_ERRORS:
+        if not fallback or tf.executing_eagerly():
+            raise
+        return _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux)
     value, aux = _split_aux(out, has_aux)
     tangent_out = tree.map_structure(lambda o: acc.jvp(o, unconnected_gradients=_ZERO), value)
+    return (value, tangent_out, aux) if has_aux else (value, tangent_out)
+
+
+def _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux):
+    """``J t`` as the pull-back of ``t`` through the linear map ``u -> J^T u``.
+
+    ``u -> vjp(u)`` is linear in the cotangent ``u``, and its own vjp with ``t``
+    is ``J t``. Reverse mode works through every op TensorFlow can differentiate.
+    """
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as outer:
+        with tf.GradientTape(watch_accessed_variables=False) as inner, _exact_moments():
+            inner.watch(p_flat)
+            out = f(*primals)
+        value, aux = _split_aux(out, has_aux)
+        out_flat = tree.flatten(value)
+        u = [tf.zeros_like(o) for o in out_flat]
+        outer.watch(u)
+        pulled = _dense(
+            inner.gradient(out_flat, p_flat, output_gradients=u, unconnected_gradients=_ZERO)
+        )
+    tangent_flat = _dense(
+        outer.gradient(pulled, u, output_gradients=t_flat, unconnected_gradients=_ZERO)
+    )
+    tangent_out = tree.pack_sequence_as(value, tangent_flat)
     return (value, tangent_out, aux) if has_aux else (value, tangent_out)
 
 
@@ -209,9 +252,36 @@ def jacrev(f, argnums=0, has_aux=False):
     return wrapped
 
 
-def jacfwd(f, argnums=0, has_aux=False):
-    """Forward-mode Jacobian: one ``jvp`` per input basis vector, batched with pfor."""
+def hessian(f, argnums=0):
+    """Reverse over reverse: ``jacrev(grad(f))``.
 
+    Forward over reverse would put a ``ForwardAccumulator`` around a tape, and
+    inside a graph that cannot follow Keras's recurrent layers; nested tapes can.
+    """
+    return jacrev(grad(f, argnums=argnums), argnums=argnums)
+
+
+def jacfwd(f, argnums=0, has_aux=False):
+    """Forward-mode Jacobian: one ``jvp`` per input basis vector, batched with pfor.
+
+    Where a graph's ForwardAccumulator cannot follow ``f`` (see :func:`jvp`), the
+    Jacobian is built in reverse mode, which gives the same matrix.
+    """
+    forward = _jacfwd(f, argnums, has_aux)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except _ACCUMULATOR_ERRORS:
+            if tf.executing_eagerly():
+                raise
+            return jacrev(f, argnums, has_aux)(*args, **kwargs)
+
+    return wrapped
+
+
+def _jacfwd(f, argnums, has_aux):
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
         args, leaves = _with_diff_args(args, argnums)
@@ -238,7 +308,7 @@ def jacfwd(f, argnums=0, has_aux=False):
 
             def push(t, j=j):
                 tangents = [t if k == j else tf.zeros_like(v) for k, v in enumerate(flat)]
-                res = jvp(f_flat, flat, tangents, has_aux=has_aux)
+                res = _jvp(f_flat, flat, tangents, has_aux, fallback=False)
                 return tree.flatten(res[1])
 
             pushed = _map(push, basis)
