@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,7 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp_.add_argument("--quick", action="store_true", help="only the three small demos")
     cmp_.add_argument("--tolerance", type=float, default=None, help="relative, default 1e-3")
-    sub.add_parser("report", help="the gradient report of a saved model (not yet available)")
+    rep = sub.add_parser("report", help="the gradient report of a saved model")
+    rep.add_argument("model", help="a saved .keras model")
+    rep.add_argument("--inputs", required=True, help="a .npy batch of inputs")
+    rep.add_argument("--targets", help="a .npy batch of targets (the objective is then the loss)")
+    rep.add_argument("--loss", help="a Keras loss name; default: the model's compiled loss")
+    rep.add_argument("--plot", help="also write the gradient-flow chart to this PNG")
+    rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench = sub.add_parser(
         "bench", help="time kgrad against hand-written native code on the active backend"
     )
@@ -70,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as err:
             print(f"kgrad compare: {err}", file=sys.stderr)
             return 2
+    if args.command == "report":
+        try:
+            return _report(args)
+        except (ValueError, TypeError, ImportError, OSError) as err:
+            print(f"kgrad report: {err}", file=sys.stderr)
+            return 2
     if args.command == "bench":
         from kgrad import bench
 
@@ -83,6 +96,31 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"kgrad {args.command}: not available in this version yet.", file=sys.stderr)
     return 2
+
+
+def _report(args) -> int:
+    import keras
+    import numpy as np
+
+    import kgrad
+
+    for path in (args.model, args.inputs, args.targets):
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"No such file. Received: {path!r}.")
+    model = keras.models.load_model(args.model, compile=args.targets is not None and not args.loss)
+    x = np.load(args.inputs)
+    y = np.load(args.targets) if args.targets else None
+    if y is not None and args.loss is None and getattr(model, "loss", None) is None:
+        raise ValueError(
+            "--targets needs a loss, and the saved model was not compiled with one. "
+            f"Received: --targets {args.targets!r} without --loss. Pass e.g. --loss mse."
+        )
+    rep = kgrad.grad_report(model, x, y, loss=args.loss)
+    print(rep.to_json() if args.json else rep.to_text())
+    if args.plot:
+        rep.plot(args.plot)
+        print(f"kgrad report: wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

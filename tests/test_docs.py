@@ -43,3 +43,16 @@ def test_training_guide_runs(capsys):
         exec(compile(block, "docs/training.md", "exec"), scope)
     error = float(re.search(r"max error (\S+)", capsys.readouterr().out).group(1))
     assert error < 2e-2
+
+
+def test_diagnostics_guide_runs(capsys):
+    import re
+
+    guide = (pathlib.Path(__file__).parents[1] / "docs" / "diagnostics.md").read_text()
+    scope = {}
+    for block in re.findall(r"```python\n(.*?)```", guide, re.S):
+        exec(compile(block, "docs/diagnostics.md", "exec"), scope)
+    out = capsys.readouterr().out
+    assert "False 0.33" in out and "caught: kgrad.check_grad found a mismatch" in out
+    assert "exploding" in scope["report"].layers["d0"].flags
+    assert "[1, 3]" in out

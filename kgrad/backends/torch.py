@@ -22,9 +22,58 @@ def convert(x):
     return keras.ops.convert_to_tensor(x)
 
 
-grad = tf_func.grad
 jacrev = tf_func.jacrev
 vjp = tf_func.vjp
+
+
+def _old_style_function(err: RuntimeError) -> bool:
+    """``torch.func`` refuses an ``autograd.Function`` without ``setup_context``.
+
+    Keras's ``ops.custom_gradient`` on torch is such a Function.
+    """
+    return "setup_context" in str(err)
+
+
+def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
+    """``value_and_grad`` by ``torch.autograd.grad``, for what ``torch.func`` refuses.
+
+    ``create_graph=True`` keeps the result differentiable (an outer ``fit``
+    step or a second derivative can go through it).
+    """
+    tree = keras.tree
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    args = list(args)
+    leaves = []
+    for i in nums:
+        flat = [
+            t if t.requires_grad else t.detach().requires_grad_(True) for t in tree.flatten(args[i])
+        ]
+        args[i] = tree.pack_sequence_as(args[i], flat)
+        leaves.append(flat)
+    with torch.enable_grad():
+        out = f(*args, **kwargs)
+    value, aux = out if has_aux else (out, None)
+    flat = [t for group in leaves for t in group]
+    grads = torch.autograd.grad(value, flat, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
+    packed, start = [], 0
+    for i, group in zip(nums, leaves):
+        packed.append(tree.pack_sequence_as(args[i], grads[start : start + len(group)]))
+        start += len(group)
+    g = packed[0] if isinstance(argnums, int) else tuple(packed)
+    return ((value, aux), g) if has_aux else (value, g)
+
+
+def grad(f, argnums=0, has_aux=False):
+    """``torch.func.grad``; plain autograd where ``f`` holds an old-style Function."""
+    inner = value_and_grad(f, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        out, g = inner(*args, **kwargs)
+        return (g, out[1]) if has_aux else g
+
+    return wrapped
 
 
 def _math_attention():
@@ -58,12 +107,25 @@ def jacfwd(f, argnums=0, has_aux=False):
 
 
 def value_and_grad(f, argnums=0, has_aux=False):
-    """``torch.func.grad_and_value`` with JAX's order of results."""
+    """``torch.func.grad_and_value`` with JAX's order of results.
+
+    Where ``f`` runs an old-style ``autograd.Function`` (Keras's
+    ``ops.custom_gradient`` on torch), which ``torch.func`` refuses, the
+    gradient is taken with ``torch.autograd.grad`` instead.
+    """
     inner = tf_func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
-        g, value = inner(*args, **kwargs)
+        try:
+            g, value = inner(*args, **kwargs)
+        except RuntimeError as err:
+            if not _old_style_function(err):
+                raise
+            # Keras's `ops.custom_gradient` (an old-style autograd.Function):
+            # first-order gradients by plain autograd; torch.func transforms
+            # (vmap, jvp) of such a model still fail, with torch's message.
+            return _autograd_value_and_grad(f, argnums, has_aux, args, kwargs)
         return value, g
 
     return wrapped
