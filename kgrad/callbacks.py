@@ -46,8 +46,8 @@ class GradientMonitor(keras.callbacks.Callback):
     >>> x, y = np.ones((8, 3), "float32"), np.zeros((8, 1), "float32")
     >>> monitor = kgrad.callbacks.GradientMonitor(x[:4], y[:4], every=2)
     >>> _ = model.fit(x, y, epochs=4, verbose=0, callbacks=[monitor])
-    >>> [epoch for epoch, _ in monitor.history]
-    [1, 3]
+    >>> tuple(epoch for epoch, _ in monitor.history)
+    (1, 3)
     """
 
     def __init__(

@@ -105,8 +105,8 @@ class GradReport:
     >>> import keras, numpy as np, kgrad
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")])
     >>> report = kgrad.grad_report(model, np.ones((1, 2), "float32"))
-    >>> report.to_text().splitlines()[0].split()[:3]
-    ['layer', 'activation', 'output']
+    >>> print(" ".join(report.to_text().splitlines()[0].split()[:3]))
+    layer activation output
     """
 
     layers: dict[str, LayerStats]
