@@ -35,7 +35,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _engine, _memory
+from kgrad import _batches, _engine, _memory
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -245,6 +245,10 @@ def call(
     ``body`` returns a structure of tensors (dicts, lists, tuples, ``None``);
     ``finish(model, result)`` turns it into the public result.
     """
+    if _batches.is_batches(arrays.get("x")):  # a dataset or an iterable of batches
+        return _batches.run(
+            fname, lambda a: call(fname, body, model, a, options, finish), model, arrays, options
+        )
     backend = _backends.load()
     arrays = {
         k: None if v is None else tree.map_structure(backend.convert, v) for k, v in arrays.items()
