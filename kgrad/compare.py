@@ -90,27 +90,52 @@ def _save_demos(names, folder):
     return jobs
 
 
-def run(jobs, backends, folder, log=print):
-    """Runs the jobs under each backend in its own process; returns results per backend."""
+def _progress(n: int, show: bool):
+    if not show or os.environ.get("KGRAD_PROGRESS", "1") == "0":
+        return None
+    import keras
+
+    return keras.utils.Progbar(n, unit_name="model")
+
+
+def run(jobs, backends, folder, log=print, progress=True):
+    """Runs the jobs under each backend in its own process; returns results per backend.
+
+    With ``progress``, a ``keras.utils.Progbar`` on stdout counts the (backend,
+    model) pairs done, as each worker reports them.
+    """
     results = {}
+    bar = _progress(len(jobs) * len(backends), progress)
+    done = 0
     for backend in backends:
         own = [dict(job, out=os.path.join(folder, f"{job['name']}_{backend}.npz")) for job in jobs]
         spec = os.path.join(folder, f"jobs_{backend}.json")
         with open(spec, "w") as fh:
             json.dump(own, fh)
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        proc = subprocess.run(
-            [sys.executable, "-m", "kgrad._worker", spec],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"kgrad compare: the {backend} worker failed (exit {proc.returncode}).\n"
-                f"{proc.stderr[-4000:]}"
+        # stderr goes to a file: frameworks log a lot there, and a full pipe would block.
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kgrad._worker", spec],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
             )
-        log(f"  {backend}: done")
+            for line in proc.stdout:
+                if line.rstrip().endswith(" done"):
+                    done += 1
+                    if bar is not None:
+                        bar.update(done)
+            code = proc.wait()
+            err.seek(0)
+            stderr = err.read()
+        if code != 0:
+            raise RuntimeError(
+                f"kgrad compare: the {backend} worker failed (exit {code}).\n{stderr[-4000:]}"
+            )
+        if bar is None:
+            log(f"  {backend}: done")
         results[backend] = {job["name"]: dict(np.load(job["out"])) for job in own}
     return results
 
@@ -195,7 +220,7 @@ def main(
                     "hessian": False,
                 }
             ]
-        results = run(jobs, backends, folder, log=log)
+        results = run(jobs, backends, folder, log=log, progress=not as_json)
     table = compare(results, tolerance)
     worst = max(
         (d for rows in table.values() for r in rows.values() for d in r.values()), default=0.0

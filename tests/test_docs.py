@@ -1,6 +1,9 @@
 """Every public name appears in the API reference."""
 
 import pathlib
+import textwrap
+
+import pytest
 
 import kgrad
 from kgrad import func
@@ -64,6 +67,7 @@ def _run_guide(name):
     guide = (pathlib.Path(__file__).parents[1] / "docs" / name).read_text()
     scope = {}
     for block in re.findall(r"```python\n(.*?)```", guide, re.S):
+        block = textwrap.dedent(block)  # blocks inside list items are indented
         exec(compile(block, f"docs/{name}", "exec"), scope)
     return scope
 
@@ -87,3 +91,12 @@ def test_getting_started_runs(capsys):
     _run_guide("getting-started.md")
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "(4, 3)" and out[2:] == ["(4, 2, 3)", "(4, 3, 3)", "True"]
+
+
+def test_backend_notes_example_runs(capsys):
+    # The TensorFlow moments example shows the bug kgrad works around (it imports
+    # TensorFlow directly, whatever the Keras backend; every test env has it).
+    pytest.importorskip("tensorflow")
+    _run_guide("backends.md")
+    out = capsys.readouterr().out
+    assert "0.666" in out and "-0.222" not in out  # the diagonal only: the documented bug
