@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from typing import Any
 
 import keras
@@ -137,14 +136,11 @@ class GradientMonitor(keras.callbacks.Callback):
         return path
 
     def to_json(self, path: str) -> str:
-        """Writes ``[{"epoch": e, **report.to_dict()}, ...]``; returns ``path``."""
+        """Writes ``[{"epoch": e, **report.to_dict()}, ...]``; returns ``path``.
+
+        ``to_dict`` already writes NaN and Inf norms as strings, so the file is strict JSON.
+        """
         data = [{"epoch": epoch, **rep.to_dict()} for epoch, rep in self.history]
-
-        def default(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return str(v)
-            raise TypeError(f"not JSON serialisable: {v!r}")
-
         with open(path, "w") as fh:
-            json.dump(data, fh, indent=2, default=default)
+            json.dump(data, fh, indent=2)
         return path

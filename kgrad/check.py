@@ -14,7 +14,7 @@ import math
 import keras
 import numpy as np
 
-from kgrad import _engine, func
+from kgrad import _engine, _errors, func
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -86,10 +86,6 @@ def _leaf_names(kind: str, struct) -> list[str]:
     if paths == [()]:
         return [kind]
     return ["/".join([kind, *map(str, path)]) for path in paths]
-
-
-def _dtype_name(x) -> str:
-    return keras.backend.standardize_dtype(x.dtype)
 
 
 def check_grad(
@@ -172,12 +168,14 @@ def check_grad(
     _objective_check(req)
     args = req.args()
     analytic = func.grad(req.objective)(args)
-    names, values, grads = [], [], []
+    names, values, grads, counts = [], [], [], []
     for kind in req.wrt:
         names.extend(_leaf_names(kind, args[kind]))
-        values.extend(tree.flatten(args[kind]))
+        leaves = tree.flatten(args[kind])
+        values.extend(leaves)
+        counts.append(len(leaves))
         grads.extend(tree.flatten(analytic[kind]))
-    dtype = _dtype_name(values[0])
+    dtype = _errors.dtype_name(values[0])
     d_eps, d_rtol = _DEFAULTS.get(dtype, _DEFAULTS["float32"])
     eps = d_eps if eps is None else float(eps)
     rtol = d_rtol if rtol is None else float(rtol)
@@ -192,10 +190,9 @@ def check_grad(
 
     def objective_with(leaf: int, new_value) -> float:
         flat = list(values)
-        flat[leaf] = keras.ops.convert_to_tensor(new_value, dtype=_dtype_name(values[leaf]))
+        flat[leaf] = keras.ops.convert_to_tensor(new_value, dtype=_errors.dtype_name(values[leaf]))
         new_args, start = {}, 0
-        for kind in req.wrt:
-            n = len(tree.flatten(args[kind]))
+        for kind, n in zip(req.wrt, counts):
             new_args[kind] = tree.pack_sequence_as(args[kind], flat[start : start + n])
             start += n
         return float(keras.ops.convert_to_numpy(req.objective(new_args)))

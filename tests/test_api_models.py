@@ -150,6 +150,10 @@ def test_recurrent_second_order_and_forward_mode(family, jit, rng):
     try:
         fwd = np_(kgrad.jacobian(model, x, mode="fwd"))
         np.testing.assert_allclose(fwd, np_(kgrad.jacobian(model, x, mode="rev")), atol=1e-5)
+        # With a chunk size, forward mode maps `func.jvp` over the columns (on
+        # TensorFlow inside a graph: the two-pull fallback of `jvp`).
+        chunked = np_(kgrad.jacobian(model, x, mode="fwd", chunk_size=15))
+        np.testing.assert_allclose(chunked, fwd, atol=1e-5)
         # hvp against central differences of the loss gradient along the vector.
         variables = model.trainable_variables
         v = {w.path: rng.normal(size=tuple(w.shape)).astype("float32") for w in variables}

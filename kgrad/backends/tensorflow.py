@@ -199,7 +199,7 @@ def _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux):
     ``u -> vjp(u)`` is linear in the cotangent ``u``, and its own vjp with ``t``
     is ``J t``. Reverse mode works through every op TensorFlow can differentiate.
     """
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as outer:
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
         with tf.GradientTape(watch_accessed_variables=False) as inner, _exact_moments():
             inner.watch(p_flat)
             out = f(*primals)
