@@ -46,25 +46,69 @@ def compute(model, x, y=None, activations=(), hessian=False) -> dict[str, np.nda
         }
         for path, hv in kgrad.hvp(model, x, vector, y=y, loss=loss).items():
             out[f"hvp/weights/{path}"] = _np(hv)
+    _add_layer_grads(out, model, x, y, loss)
+    return out
+
+
+def _add_layer_grads(out: dict, model, x, y, loss) -> None:
+    """Adds ``kgrad.layer_grad``'s output and weight gradients to ``out``."""
     for name, lg in kgrad.layer_grad(model, x, y, loss=loss).items():
         if lg.output_grad is not None:
             for k, v in enumerate(keras.tree.flatten(lg.output_grad)):
                 out[f"layer_grad/{name}/output_grad/{k}"] = _np(v)
         for wname, g in lg.weight_grads.items():
             out[f"layer_grad/{name}/{wname}"] = _np(g)
+
+
+def compute_zoo(model, x, y, target, activations=(), loss="mse", layer_grad=False):
+    """The zoo's derivatives: saliency, Grad-CAM-style activation gradients, loss weight
+    gradients and (optionally) ``layer_grad``, as flat NumPy arrays keyed by name."""
+    from kgrad import zoo
+
+    out: dict[str, np.ndarray] = {}
+    target = tuple(target) if isinstance(target, list) else target
+    if all(np.asarray(leaf).dtype.kind == "f" for leaf in keras.tree.flatten(x)):
+        for k, v in enumerate(keras.tree.flatten(kgrad.grad(model, x, target=target))):
+            out[f"saliency/inputs/{k}"] = _np(v)
+    for name in activations:
+        g = kgrad.grad(model, x, wrt="activations", layers=name, target=target)
+        out[f"gradcam/{name}"] = _np(g)
+    loss_fn = zoo.loss_from_name(loss)
+    for path, g in kgrad.grad(model, x, wrt="weights", y=y, loss=loss_fn).items():
+        out[f"grad/weights/{path}"] = _np(g)
+    if layer_grad:
+        _add_layer_grads(out, model, x, y, loss_fn)
     return out
 
 
+def _load_x(path: str):
+    """A saved batch: one ``.npy`` array, or an ``.npz`` of several inputs (a list)."""
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            return [data[f"x{k}"] for k in range(len(data.files))]
+    return np.load(path)
+
+
 def main(argv: list[str]) -> int:
+    from kgrad import zoo  # noqa: F401 (registers the zoo's custom layers and models)
+
     with open(argv[0]) as fh:
         jobs = json.load(fh)
     for job in jobs:
         model = keras.models.load_model(job["model"], compile=False)
-        x = np.load(job["x"])
+        x = _load_x(job["x"])
         y = np.load(job["y"]) if job.get("y") else None
-        results = compute(model, x, y, job.get("activations", ()), job.get("hessian", False))
+        if job.get("zoo"):
+            z = job["zoo"]
+            results = compute_zoo(
+                model, x, y, z["target"], z["activations"], z["loss"], z["layer_grad"]
+            )
+        else:
+            results = compute(model, x, y, job.get("activations", ()), job.get("hessian", False))
         np.savez(job["out"], **results)
         print(f"{keras.backend.backend()}: {job['name']} done", flush=True)
+        del model, results
+        keras.backend.clear_session()  # frees the model's graphs before the next (zoo) job
     return 0
 
 

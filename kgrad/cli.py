@@ -23,6 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp_.add_argument("--quick", action="store_true", help="only the three small demos")
     cmp_.add_argument("--tolerance", type=float, default=None, help="relative, default 1e-3")
+    cmp_.add_argument(
+        "--zoo",
+        nargs="?",
+        const="env",
+        default=None,
+        help="compare the architecture zoo instead: 'ci', 'full' or names (default: "
+        "$KGRAD_ZOO, else 'ci')",
+    )
     rep = sub.add_parser("report", help="the gradient report of a saved model")
     rep.add_argument("model", help="a saved .keras model")
     rep.add_argument("--inputs", required=True, help="a .npy batch of inputs")
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.json,
                 args.quick,
                 args.tolerance if args.tolerance is not None else compare.TOLERANCE,
+                zoo=(os.environ.get("KGRAD_ZOO") or "ci") if args.zoo == "env" else args.zoo,
             )
         except (ValueError, RuntimeError) as err:
             print(f"kgrad compare: {err}", file=sys.stderr)

@@ -63,31 +63,100 @@ def relative_differences(ref: dict, other: dict) -> dict[str, float]:
     return diffs
 
 
-def _save_demos(names, folder):
+def _save_job(name, build, folder, **fields) -> dict:
+    """Builds one model with fixed seeds, saves it and its batch; returns the job."""
     import keras
 
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model, x, y, extra = build(np.random.default_rng(0))
+    path = os.path.join(folder, f"{name}.keras")
+    model.save(path)
+    np.save(os.path.join(folder, f"{name}_y.npy"), y)
+    job = {
+        "name": name,
+        "model": path,
+        "x": _save_x(x, os.path.join(folder, f"{name}_x")),
+        "y": os.path.join(folder, f"{name}_y.npy"),
+    }
+    return {**job, **{key: get(extra) for key, get in fields.items()}}
+
+
+def _save_demos(names, folder):
     from kgrad import demos
 
-    jobs = []
-    for name in names:
-        keras.utils.set_random_seed(0)
-        rng = np.random.default_rng(0)
-        model, x, y, extra = demos.DEMOS[name](rng)
-        path = os.path.join(folder, f"{name}.keras")
-        model.save(path)
-        np.save(os.path.join(folder, f"{name}_x.npy"), x)
-        np.save(os.path.join(folder, f"{name}_y.npy"), y)
-        jobs.append(
-            {
-                "name": name,
-                "model": path,
-                "x": os.path.join(folder, f"{name}_x.npy"),
-                "y": os.path.join(folder, f"{name}_y.npy"),
-                "activations": extra["activations"],
-                "hessian": extra["hessian"],
-            }
+    return [
+        _save_job(
+            name,
+            demos.DEMOS[name],
+            folder,
+            activations=lambda e: e["activations"],
+            hessian=lambda e: e["hessian"],
         )
-    return jobs
+        for name in names
+    ]
+
+
+def _save_x(x, path_stem: str) -> str:
+    """Saves a batch (an array, or a list of arrays for a multi-input model)."""
+    if isinstance(x, (list, tuple)):
+        np.savez(path_stem + ".npz", **{f"x{k}": v for k, v in enumerate(x)})
+        return path_stem + ".npz"
+    np.save(path_stem + ".npy", x)
+    return path_stem + ".npy"
+
+
+def zoo_names(selection: str) -> tuple[str, ...]:
+    """Architectures for ``--zoo``: ``ci``, ``full``, or comma-separated names."""
+    from kgrad import zoo
+
+    if selection == "ci":
+        return zoo.CI
+    if selection == "full":
+        return tuple(zoo.ARCHITECTURES)
+    names = tuple(n.strip() for n in selection.split(",") if n.strip())
+    unknown = [n for n in names if n not in zoo.ARCHITECTURES]
+    if unknown or not names:
+        raise ValueError(
+            f"Unknown zoo architecture(s) {unknown}. Received: --zoo {selection}. Use 'ci', "
+            f"'full' or names from: {', '.join(zoo.ARCHITECTURES)}."
+        )
+    return names
+
+
+def _save_zoo(names, folder):
+    from kgrad import zoo
+
+    return [_save_job(n, zoo.ARCHITECTURES[n], folder, zoo=lambda e: e) for n in names]
+
+
+#: Columns of the zoo's summary matrix: derivative kind -> result-group prefix.
+ZOO_KINDS = {
+    "saliency": "saliency/",
+    "grad-cam": "gradcam/",
+    "loss wrt weights": "grad/weights",
+    "layer_grad": "layer_grad/",
+}
+
+
+def format_matrix(table, tolerance=TOLERANCE) -> str:
+    """Architecture x derivative kind -> the largest difference over backends and layers."""
+    header = ["architecture", *ZOO_KINDS, "ok"]
+    lines = [header]
+    for model, rows in table.items():
+        cells, worst = [], 0.0
+        for prefix in ZOO_KINDS.values():
+            diffs = [d for g, r in rows.items() if g.startswith(prefix) for d in r.values()]
+            if diffs:
+                worst = max(worst, max(diffs))
+                cells.append(f"{max(diffs):.2e}")
+            else:
+                cells.append("-")
+        lines.append([model, *cells, "yes" if worst <= tolerance else "NO"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 def _progress(n: int, show: bool):
@@ -182,8 +251,13 @@ def main(
     as_json=False,
     quick=False,
     tolerance=TOLERANCE,
+    zoo=None,
 ) -> int:
-    """Runs the comparison and prints it; returns the exit code (1 past tolerance)."""
+    """Runs the comparison and prints it; returns the exit code (1 past tolerance).
+
+    ``zoo`` (``"ci"``, ``"full"`` or comma-separated names) compares the
+    architecture zoo (``kgrad.zoo``) instead of the demo models.
+    """
     from kgrad import demos
 
     backends = backends or installed_backends()
@@ -200,7 +274,11 @@ def main(
         )
     log = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
     with tempfile.TemporaryDirectory(prefix="kgrad-compare-") as folder:
-        if model is None:
+        if zoo is not None:
+            names = zoo_names(zoo)
+            log(f"kgrad compare: zoo of {len(names)} architectures on {', '.join(backends)}")
+            jobs = _save_zoo(names, folder)
+        elif model is None:
             names = demos.QUICK if quick else tuple(demos.DEMOS)
             log(f"kgrad compare: demo models {', '.join(names)} on {', '.join(backends)}")
             jobs = _save_demos(names, folder)
@@ -241,6 +319,9 @@ def main(
         )
     else:
         print(format_table(table, backends[0], tolerance))
+        if zoo is not None:
+            print(f"\nlargest difference per architecture and derivative, vs {backends[0]}:")
+            print(format_matrix(table, tolerance))
         print(
             f"\nlargest difference {worst:.2e} (tolerance {tolerance:.0e}): "
             f"{'all backends agree' if ok else 'DISAGREEMENT'}"

@@ -3,7 +3,9 @@
 import math
 
 import numpy as np
+import pytest
 
+import kgrad
 from kgrad import compare, demos
 
 
@@ -49,3 +51,62 @@ def test_demo_models_build_and_cover_the_required_kinds(rng):
     model, x, y, extra = demos.DEMOS["lstm"](rng)
     assert x.dtype.kind == "i" and extra["activations"] == ["emb"]
     assert model(x).shape == y.shape
+
+
+def test_zoo_selection_and_matrix():
+    from kgrad import zoo
+
+    assert len(zoo.ARCHITECTURES) >= 20 and len(zoo.CI) >= 8
+    assert compare.zoo_names("ci") == zoo.CI
+    assert compare.zoo_names("full") == tuple(zoo.ARCHITECTURES)
+    assert compare.zoo_names("text_cnn, vit_tiny") == ("text_cnn", "vit_tiny")
+    with pytest.raises(ValueError, match=r"Received: --zoo resnet"):
+        compare.zoo_names("resnet")
+    table = {
+        "a": {
+            "saliency/inputs": {"tensorflow": 1e-7, "torch": 2e-7},
+            "gradcam/conv": {"tensorflow": 3e-7, "torch": 1e-6},
+            "gradcam/mha": {"tensorflow": 5e-6, "torch": 1e-7},
+            "grad/weights": {"tensorflow": 1e-7, "torch": 1e-7},
+        },
+        "b": {"grad/weights": {"tensorflow": 0.5, "torch": 0.0}},
+    }
+    lines = compare.format_matrix(table).splitlines()
+    assert lines[0].split()[:3] == ["architecture", "saliency", "grad-cam"]
+    # The worst over backends and over layers; "-" where a kind does not apply.
+    assert lines[2].split() == ["a", "2.00e-07", "5.00e-06", "1.00e-07", "-", "yes"]
+    assert lines[3].split() == ["b", "-", "-", "5.00e-01", "-", "NO"]
+
+
+def test_zoo_compute_on_a_multi_input_nested_model(tmp_path):
+    """The zoo worker's results on a saved-and-reloaded model equal direct kgrad calls."""
+    import keras
+
+    from kgrad import _worker, zoo
+
+    rng = np.random.default_rng(0)
+    for name in ("multi_input", "nested_sequential"):
+        model, x, y, extra = zoo.ARCHITECTURES[name](rng)
+        path = str(tmp_path / f"{name}.keras")
+        model.save(path)
+        x_path = compare._save_x(x, str(tmp_path / f"{name}_x"))
+        loaded = keras.models.load_model(path, compile=False)
+        out = _worker.compute_zoo(loaded, _worker._load_x(x_path), y, **extra)
+        loss = zoo.loss_from_name(extra["loss"])
+        expected = kgrad.grad(model, x, wrt="weights", y=y, loss=loss)
+        # Keras may give a reloaded nested model's variables other paths (the name
+        # scopes differ when it is rebuilt); they keep their order.
+        paths = {
+            a.path: b.path for a, b in zip(model.trainable_variables, loaded.trainable_variables)
+        }
+        assert {f"grad/weights/{paths[p]}" for p in expected} <= set(out)
+        for p, g in expected.items():
+            np.testing.assert_allclose(
+                out[f"grad/weights/{paths[p]}"], keras.ops.convert_to_numpy(g), rtol=1e-6
+            )
+        for layer in extra["activations"]:
+            g = kgrad.grad(model, x, wrt="activations", layers=layer, target=extra["target"])
+            np.testing.assert_allclose(
+                out[f"gradcam/{layer}"], keras.ops.convert_to_numpy(g), rtol=1e-6
+            )
+        assert any(k.startswith("layer_grad/") for k in out)
