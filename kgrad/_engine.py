@@ -16,7 +16,9 @@ changed (BatchNormalization statistics, seed states and metrics included).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Any
 
 import keras
@@ -65,6 +67,9 @@ class Request:
     # given when the request runs inside a compiled function: then no variable
     # is read, so nothing is baked into the compiled code.
     state: Any = None
+    # PyTorch only, with training=True: the seed every forward pass of this
+    # request starts its random draws from (see `_torch_rng`).
+    rng_seed: int | None = None
 
     def _variable_values(self) -> dict[int, Any]:
         if self.state is None:
@@ -98,7 +103,7 @@ class Request:
             return out, None, extra(out) if extra else None
         watch = _layers.Watch(self.watch, args.get("activations"))
         scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
-        with scope, watch.active():
+        with scope, watch.active(), _torch_rng(self.rng_seed):
             y_pred = self.model(x, training=self.training)
             out = y_pred if self.of is None else watch.outputs.get(self.of_key)
             result = extra(out) if extra else None
@@ -146,11 +151,26 @@ class Request:
                 f"`loss` was given without targets. Received: loss={loss!r}, y=None. Pass "
                 f"the targets as `y=`."
             )
-        if loss is None:
-            return self.model.compute_loss(x=self.x, y=y, y_pred=y_pred, training=self.training)
-        if isinstance(loss, str):
-            loss = keras.losses.get(loss)
-        value = loss(y, y_pred)
+        try:
+            if loss is None:
+                return self.model.compute_loss(x=self.x, y=y, y_pred=y_pred, training=self.training)
+            if isinstance(loss, str):
+                loss = keras.losses.get(loss)
+            value = loss(y, y_pred)
+        except Exception as err:  # the backend's shape error, made readable
+            y_shapes = [_shape(leaf) for leaf in tree.flatten(y)]
+            out_shapes = [_shape(leaf) for leaf in tree.flatten(y_pred)]
+            if y_shapes == out_shapes:
+                raise
+            want = out_shapes[0] if len(out_shapes) == 1 else out_shapes
+            got = y_shapes[0] if len(y_shapes) == 1 else y_shapes
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(
+                f"The loss could not compare the targets with the model's output, whose "
+                f"shape differs. Expected `y` of shape {want} (or what the loss accepts for "
+                f"it, e.g. class indices for a sparse loss). Received: y with shape {got}, "
+                f"loss={self.loss!r}. The loss raised: {type(err).__name__}: {first}"
+            ) from err
         if isinstance(loss, keras.losses.Loss) or len(value.shape) == 0:
             return value
         return ops.mean(value)  # Keras's default reduction, "sum_over_batch_size"
@@ -212,6 +232,44 @@ class Request:
             )
 
 
+def _seed_from_state(model) -> int:
+    """A seed determined by the model's random seed-generator states."""
+    values = [
+        int(n)
+        for v in model.variables
+        if "seed_generator" in v.path
+        for n in keras.ops.convert_to_numpy(v.value).ravel()
+    ]
+    return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_torch_rng_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _torch_rng(seed: int | None):
+    """On PyTorch, starts every forward pass from the same random state.
+
+    Keras's unseeded Dropout on PyTorch draws its mask from torch's global
+    generator, not from the layer's seed state as on JAX and TensorFlow.
+    Re-seeding a forked generator from the model's seed states makes every
+    forward pass of a kgrad call (value, gradient, each Jacobian column, each
+    finite difference) use the same mask, and repeated calls agree, as on the
+    other backends. The global generator is restored afterwards. Forward
+    passes that re-seed it run one thread at a time.
+    """
+    if seed is None:
+        yield
+        return
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # torch's generator is global: threads take turns for the forward pass.
+    with _torch_rng_lock, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def _sum_all(out):
     return sum(ops.sum(leaf) for leaf in tree.flatten(out))
 
@@ -241,6 +299,82 @@ def _check_inputs(model, x, fname):
                 f"{_errors.dtype_name(leaf)} and shape {tuple(leaf.shape)}. Received: "
                 f"x with dtype {_errors.dtype_name(leaf)}.{hint}"
             )
+
+
+def _shape(leaf) -> tuple:
+    return tuple(None if d is None else int(d) for d in leaf.shape)
+
+
+def _model_inputs(model) -> list | None:
+    """The model's symbolic inputs in the order of ``tree.flatten(x)``, or None."""
+    struct = getattr(model, "_inputs_struct", None)
+    try:
+        inputs = tree.flatten(struct) if struct is not None else list(model.inputs or [])
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if not inputs or not all(hasattr(i, "shape") for i in inputs):
+        return None
+    return inputs
+
+
+def _check_input_shapes(model, x, fname) -> None:
+    """Raises ValueError when ``x`` does not fit the model's declared inputs.
+
+    Only models with symbolic inputs (Functional, Sequential with an ``Input``)
+    are checked; Keras's own error for these cases names the layer but not
+    what kgrad received.
+    """
+    inputs = _model_inputs(model)
+    if inputs is None:
+        return
+    leaves = tree.flatten(x)
+    expected = [tuple(i.shape) for i in inputs]
+    if isinstance(x, dict) and len(inputs) > 1:
+        names = [getattr(i, "name", None) for i in inputs]
+        if set(x) == set(names):  # Keras matches a dict of inputs by name
+            leaves = [x[n] for n in names]
+    if len(leaves) != len(inputs):
+        raise ValueError(
+            f"Model '{model.name}' takes {len(inputs)} input(s) of shapes {expected}, but "
+            f"`kgrad.{fname}` got {len(leaves)}. Received: x with shapes "
+            f"{[_shape(leaf) for leaf in leaves]}. Pass one array per model input, as a "
+            f"list (or dict keyed by input name) for a multi-input model."
+        )
+    for n, (leaf, want) in enumerate(zip(leaves, expected)):
+        got = _shape(leaf)
+        # Keras adds or drops a trailing axis of size 1 by itself.
+        longer = got if len(got) > len(want) else want
+        rank_ok = len(got) == len(want) or (
+            abs(len(got) - len(want)) == 1 and longer[-1] in (1, None)
+        )
+        feat_ok = len(got) != len(want) or all(
+            w is None or g is None or w == g for g, w in zip(got[1:], want[1:])
+        )
+        if not (rank_ok and feat_ok):
+            which = f"input {n}" if len(inputs) > 1 else "the input"
+            raise ValueError(
+                f"`x` does not match model '{model.name}': {which} has shape {want} "
+                f"(None is the batch axis), but the array given for it has shape {got}. "
+                f"Received: x with shape {got}. Pass a batch of shape "
+                f"(batch_size, {', '.join(str(d) for d in want[1:])}); for a single "
+                f"sample, add the batch axis (`x[None]`)."
+            )
+
+
+def _check_batch_sizes(x, y, fname) -> None:
+    """Raises ValueError when the arrays of ``x`` and ``y`` disagree on the batch size."""
+    named = [("x", leaf) for leaf in tree.flatten(x)]
+    if y is not None:
+        named += [("y", leaf) for leaf in tree.flatten(y)]
+    sizes = [(what, _shape(leaf)) for what, leaf in named if len(leaf.shape)]
+    batch = {shape[0] for _, shape in sizes if shape[0] is not None}
+    if len(batch) > 1:
+        raise ValueError(
+            f"`kgrad.{fname}` needs the same number of samples (the first axis) in every "
+            f"array of `x` and `y`, but they differ. Received: "
+            f"{', '.join(f'{what} with shape {shape}' for what, shape in sizes)}. Pass "
+            f"arrays with one row per sample."
+        )
 
 
 def _normalize_wrt(wrt, fname):
@@ -310,6 +444,9 @@ def prepare(
         )
     if "inputs" in kinds:
         _check_inputs(model, x, fname)
+    if is_keras:
+        _check_input_shapes(model, x, fname)
+        _check_batch_sizes(x, y, fname)
     leaves = tree.flatten(x)
     batch = int(leaves[0].shape[0]) if leaves and len(leaves[0].shape) else 1
     req = Request(
@@ -330,6 +467,8 @@ def prepare(
         state=state,
     )
     req.layers_spec = layers
+    if is_keras and req.training and backend.name == "torch":
+        req.rng_seed = _seed_from_state(model)
     if is_keras:
         req.layers, req.single_layer = _layers.resolve(model, layers)
         if of is not None:

@@ -68,11 +68,16 @@ def dtype_name(x: Any) -> str:
     return keras.backend.standardize_dtype(x.dtype)
 
 
+def differentiable(dtype: str) -> bool:
+    """Whether values of this (standardized) dtype have derivatives: floats and complex."""
+    return dtype.startswith("float") or dtype.startswith("bfloat") or "complex" in dtype
+
+
 def check_float_leaves(leaves: Iterable[Any], fname: str, argname: str = "argument") -> None:
     """Raises TypeError for integer or boolean values that are to be differentiated."""
     for x in leaves:
         dtype = dtype_name(x)
-        if not (dtype.startswith("float") or dtype.startswith("bfloat") or "complex" in dtype):
+        if not differentiable(dtype):
             raise TypeError(
                 f"`kgrad.{fname}` requires real- or complex-valued inputs to "
                 f"differentiate with respect to, but got dtype {dtype} for an {argname} "
@@ -92,4 +97,13 @@ def check_scalar(value: Any, fname: str) -> None:
             f"shape: {shape_txt}. Received: an output of shape {shape_txt}. Reduce the "
             f"output to a scalar (e.g. `keras.ops.sum`), or use `jacrev`/`jacfwd`/`vjp` "
             f"for non-scalar outputs."
+        )
+    dtype = dtype_name(value)
+    if not differentiable(dtype):
+        raise TypeError(
+            f"`kgrad.func.{fname}` needs a real- or complex-valued output to differentiate, "
+            f"but the output has dtype {dtype}, which has no derivative. Received: an "
+            f"output of dtype {dtype}. Return a float value: keep the computation in float "
+            f"(cast integers with `keras.ops.cast(..., 'float32')` before they are used), "
+            f"or use `vjp` for integer outputs."
         )

@@ -43,8 +43,13 @@ def batched_map(fn, stacked):
     if _backends.name() == "tensorflow" and n is not None and n <= TF_UNROLL:
         return _loop(fn, stacked, n)
     if _backends.name() == "torch":
+        import torch
+
         try:
-            return func.vmap(fn)(stacked)
+            # The mapped axis runs over directions (Jacobian rows or columns) of
+            # one function, so random ops (Dropout with training=True) draw the
+            # same values for every direction, as in the unmapped forward pass.
+            return torch.func.vmap(fn, randomness="same")(stacked)
         except RuntimeError as err:
             if "vmap" not in str(err):
                 raise

@@ -9,6 +9,7 @@ works when it is unique).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,13 +104,60 @@ def key(model: keras.layers.Layer, layer: keras.layers.Layer) -> str:
     return layer.name
 
 
+# Watching is per thread: a watched layer's `call` is replaced (once, however
+# many threads watch it) by a dispatcher that looks up the calling thread's
+# watch. The patch is reference-counted under a lock, so concurrent kgrad calls
+# on the same model from several threads each see only their own probes.
+_patch_lock = threading.Lock()
+_patch_count: dict[int, int] = {}  # id(layer) -> number of active watches
+_local = threading.local()
+
+
+def _thread_watches() -> dict[int, tuple[Watch, str]]:
+    watches = getattr(_local, "watches", None)
+    if watches is None:
+        watches = _local.watches = {}
+    return watches
+
+
+def _dispatcher(layer_id: int, call):
+    def dispatch(*args, **kwargs):
+        active = getattr(_local, "watches", {}).get(layer_id)
+        if active is None:  # another thread is watching this layer
+            return call(*args, **kwargs)
+        watch, name = active
+        return watch._record(name, call, args, kwargs)
+
+    return dispatch
+
+
+def _patch(layer: keras.layers.Layer) -> None:
+    with _patch_lock:
+        count = _patch_count.get(id(layer), 0)
+        if count == 0:
+            if "call" in layer.__dict__:
+                raise RuntimeError(f"Layer '{layer.name}' has a patched `call`.")
+            layer.__dict__["call"] = _dispatcher(id(layer), layer.call)
+        _patch_count[id(layer)] = count + 1
+
+
+def _unpatch(layer: keras.layers.Layer) -> None:
+    with _patch_lock:
+        count = _patch_count.pop(id(layer), 1) - 1
+        if count > 0:
+            _patch_count[id(layer)] = count
+        else:
+            layer.__dict__.pop("call", None)
+
+
 class Watch:
     """Records (and optionally perturbs) the outputs of some layers during a call.
 
-    While active, each watched layer's ``call`` is wrapped: its output gets the
-    probe added (``output + probe``, probe zeros, so that the derivative with
-    respect to the probe is the derivative with respect to the output) and is
-    recorded. Not thread-safe: the wrapper is set on the layer object.
+    While active, each watched layer's output gets the probe added
+    (``output + probe``, probe zeros, so that the derivative with respect to the
+    probe is the derivative with respect to the output) and is recorded. A watch
+    sees only the calls made by the thread that activated it, so kgrad calls on
+    one model from several threads do not see each other's probes.
     """
 
     def __init__(self, layers: dict[str, keras.layers.Layer], probes: dict[str, Any] | None = None):
@@ -120,30 +168,30 @@ class Watch:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[Watch]:
-        patched = []
+        mine = _thread_watches()
+        entered = []
         try:
             for name, layer in self.layers.items():
-                if "call" in layer.__dict__:
+                if id(layer) in mine:
                     raise RuntimeError(f"Layer '{layer.name}' is already being watched.")
-                layer.__dict__["call"] = self._wrap(name, layer.call)
-                patched.append(layer)
+                _patch(layer)
+                entered.append(layer)
+                mine[id(layer)] = (self, name)
             yield self
         finally:
-            for layer in patched:
-                layer.__dict__.pop("call", None)
+            for layer in entered:
+                mine.pop(id(layer), None)
+                _unpatch(layer)
 
-    def _wrap(self, name, call):
-        def watched(*args, **kwargs):
-            out = call(*args, **kwargs)
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if name in self.probes:
-                out = keras.tree.map_structure(
-                    lambda o, p: o if p is None else o + p, out, self.probes[name]
-                )
-            self.outputs[name] = out
-            return out
-
-        return watched
+    def _record(self, name, call, args, kwargs):
+        out = call(*args, **kwargs)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.probes:
+            out = keras.tree.map_structure(
+                lambda o, p: o if p is None else o + p, out, self.probes[name]
+            )
+        self.outputs[name] = out
+        return out
 
     def check_called_once(self, names) -> None:
         for name in names:

@@ -103,6 +103,20 @@ def _output_for_shape(req: _engine.Request, args, per_sample: bool):
     return _Shape((req.batch_size, *out.shape[1:]))
 
 
+def _check_batch_first(req: _engine.Request, out_shape, fname, per_sample):
+    """Per-sample results need the selected output to keep the batch axis first."""
+    if not per_sample or not any(k in _engine.BATCHED for k in req.wrt):
+        return
+    if len(out_shape) == 0 or out_shape[0] != req.batch_size:
+        raise ValueError(
+            f"`kgrad.{fname}` with per_sample=True needs the selected output to keep the "
+            f"batch axis first (size {req.batch_size}), but it has shape {out_shape}. "
+            f"Received: target={req.target!r}, of={req.of_key!r}. Return one value per "
+            f"sample from a callable `target` (e.g. `lambda y: y[:, 0]`, not "
+            f"`keras.ops.sum(y)`), or pass `per_sample=False`."
+        )
+
+
 def _objective_check(req: _engine.Request):
     if not req.has_loss and any(k in _engine.BATCHED for k in req.wrt):
         req.check_per_sample("Input and activation gradients without a loss")
@@ -296,6 +310,7 @@ def _jacobian(req: _engine.Request, arrays, options):
             "output with `of=` or `target=lambda y: y[...]`."
         )
     out_shape = tuple(probe_out.shape)
+    _check_batch_first(req, out_shape, "jacobian", per_sample)
     per_kind = {}
     for kind in req.wrt:
         if kind in _engine.BATCHED and per_sample:
@@ -402,6 +417,8 @@ def _hessian(req: _engine.Request, arrays, options):
         if per_sample:  # the block-diagonal trick needs independent samples, loss or not
             req.check_per_sample("Hessians with per_sample=True")
         out_shape = () if req.has_loss else tuple(_output_for_shape(req, args, per_sample).shape)
+        if not req.has_loss:
+            _check_batch_first(req, out_shape, "hessian", per_sample)
         out_rank = max(len(out_shape) - 1, 0)
         flat = tree.flatten(struct)
         results = []
@@ -470,7 +487,15 @@ def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, trai
     if not isinstance(wrt, str):
         raise ValueError(f"`kgrad.hvp` takes one `wrt` kind. Received: wrt={wrt!r}.")
     options = dict(wrt=wrt, layers=layers, loss=loss, training=training)
-    return _compiled.call("hvp", _hvp, model, {"x": x, "y": y, "vector": vector}, options)
+    # `jax.jit` and `jax.jvp` sort dict keys: give the result the vector's key order.
+    return _compiled.call(
+        "hvp",
+        _hvp,
+        model,
+        {"x": x, "y": y, "vector": vector},
+        options,
+        finish=lambda _, hv: _reorder(vector, hv),
+    )
 
 
 def _hvp(req: _engine.Request, arrays, options):
