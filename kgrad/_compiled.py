@@ -171,7 +171,7 @@ def _torch_eager(fn: Callable) -> Callable:
     """``fn``, kept out of ``torch.compile``'s graph when that is tracing.
 
     ``torch.compile`` (Keras's ``jit_compile=True`` on torch) miscompiles
-    forward-over-reverse ``torch.func`` code ("ZeroTensors are immutable"), so
+    some forward-mode ``torch.func`` code ("ZeroTensors are immutable"), so
     kgrad's part of a compiled train step runs eagerly; autograd still flows
     through it, and the rest of the step stays compiled.
     """

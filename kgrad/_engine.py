@@ -211,7 +211,11 @@ class Request:
         self.args_template = out
         return out
 
-    def check_per_sample(self, what: str) -> None:
+    def check_per_sample(self, what: str, fix: str = "give a `loss`") -> None:
+        """Refuses per-sample results where samples interact (batch statistics).
+
+        ``fix`` is what, besides ``training=False``, makes the call well defined.
+        """
         if self.batch_size == 0:
             raise ValueError(
                 f"`kgrad.{self.fname}` got an empty batch. Received: x with batch size 0. "
@@ -227,8 +231,7 @@ class Request:
                 f"{what} are per sample, but with `training=True` the layers {mixing} "
                 f"normalise with batch statistics, so each sample's output depends on the "
                 f"other samples and per-sample results are undefined. Received: "
-                f"training=True. Use `training=False`, give a `loss` (then the gradient of "
-                f"the batch loss is well defined), or pass `per_sample=False` where offered."
+                f"training=True. Use `training=False`, or {fix}."
             )
 
 

@@ -49,7 +49,9 @@ def batched_map(fn, stacked):
             # The mapped axis runs over directions (Jacobian rows or columns) of
             # one function, so random ops (Dropout with training=True) draw the
             # same values for every direction, as in the unmapped forward pass.
-            return torch.func.vmap(fn, randomness="same")(stacked)
+            # Under the backend's transform kernels, as its own transforms.
+            with _backends.load().transform_kernels():
+                return torch.func.vmap(fn, randomness="same")(stacked)
         except RuntimeError as err:
             if "vmap" not in str(err):
                 raise

@@ -119,7 +119,10 @@ def _check_batch_first(req: _engine.Request, out_shape, fname, per_sample):
 
 def _objective_check(req: _engine.Request):
     if not req.has_loss and any(k in _engine.BATCHED for k in req.wrt):
-        req.check_per_sample("Input and activation gradients without a loss")
+        req.check_per_sample(
+            "Input and activation gradients without a loss",
+            "give a `loss` (the gradient of the batch loss is well defined)",
+        )
 
 
 def value_and_grad(
@@ -314,7 +317,9 @@ def _jacobian(req: _engine.Request, arrays, options):
     per_kind = {}
     for kind in req.wrt:
         if kind in _engine.BATCHED and per_sample:
-            req.check_per_sample("Jacobians with per_sample=True")
+            req.check_per_sample(
+                "Jacobians with per_sample=True", "pass `per_sample=False` (the full Jacobian)"
+            )
         leaves_struct = args[kind]
         flat = tree.flatten(leaves_struct)
         results = []
@@ -415,7 +420,9 @@ def _hessian(req: _engine.Request, arrays, options):
             }
             continue
         if per_sample:  # the block-diagonal trick needs independent samples, loss or not
-            req.check_per_sample("Hessians with per_sample=True")
+            req.check_per_sample(
+                "Hessians with per_sample=True", "pass `per_sample=False` (the full Hessian)"
+            )
         out_shape = () if req.has_loss else tuple(_output_for_shape(req, args, per_sample).shape)
         if not req.has_loss:
             _check_batch_first(req, out_shape, "hessian", per_sample)
@@ -502,7 +509,10 @@ def _hvp(req: _engine.Request, arrays, options):
     wrt, vector = options["wrt"], arrays["vector"]
     if not req.has_loss:
         if wrt != "weights":
-            req.check_per_sample("Hessian-vector products without a loss")
+            req.check_per_sample(
+                "Hessian-vector products without a loss",
+                "give a `loss` (the Hessian of the batch loss is well defined)",
+            )
     args = req.args()
     full = args[wrt]
     if wrt in ("weights", "activations"):
@@ -617,7 +627,10 @@ def _layer_grad(req: _engine.Request, arrays, options):
     """``{name: (output, output_grad, {short weight name: gradient})}`` in model order."""
     model = req.model
     if not req.has_loss:
-        req.check_per_sample("Activation gradients without a loss")
+        req.check_per_sample(
+            "Activation gradients without a loss",
+            "give a `loss` (the gradient of the batch loss is well defined)",
+        )
     args = req.args()
 
     def objective(a):

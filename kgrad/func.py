@@ -196,7 +196,11 @@ def jacfwd(f: Callable, argnums: Argnums = 0, has_aux: bool = False) -> Callable
 def hessian(f: Callable, argnums: Argnums = 0) -> Callable:
     """Returns a function that computes the Hessian of scalar ``f``.
 
-    Computed forward-over-reverse, ``jacfwd(jacrev(f))``, as ``jax.hessian``.
+    Computed forward over reverse: ``jacfwd(jacrev(f))`` on JAX, as
+    ``jax.hessian``; ``jacfwd(grad(f))`` on PyTorch (the same matrix, without a
+    mapped backward inside a derivative, see the backend notes); reverse over
+    reverse on TensorFlow, where a forward accumulator cannot follow Keras's
+    recurrent layers inside a graph.
 
     Args:
         f: function returning a scalar tensor.

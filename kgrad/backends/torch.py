@@ -6,7 +6,9 @@ this module only renames a few arguments and converts NumPy inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import keras
 import torch
@@ -20,10 +22,6 @@ def convert(x):
     if isinstance(x, torch.Tensor):
         return x
     return keras.ops.convert_to_tensor(x)
-
-
-jacrev = tf_func.jacrev
-vjp = tf_func.vjp
 
 
 def _old_style_function(err: RuntimeError) -> bool:
@@ -88,22 +86,98 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _composite_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm`` written with elementary ops.
+
+    Same values as the fused kernel (to float rounding); its derivatives of
+    every order come from the elementary ops' own formulas.
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dim=dims, keepdim=True)
+    centered = input - mean
+    out = centered * torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+_norm_lock = threading.Lock()
+_norm_depth = 0
+_fused_layer_norm = None
+
+
+@contextlib.contextmanager
+def _composite_norms():
+    """Runs ``layer_norm`` as elementary ops while a transform records its graph.
+
+    torch 2.13's fused ``layer_norm`` has wrong derivatives of its derivatives
+    where a transform maps or pushes forward through it: differentiating its
+    ``jvp`` (``grad`` of ``jvp``), or the weight gradient of a ``vmap``-ed
+    backward with respect to the norm's input, treats the saved mean and
+    inverse standard deviation as constants (reproduction in
+    docs/backends.md). Keras's ``LayerNormalization`` calls the fused kernel
+    through the module attribute, so swapping the attribute reaches it. The
+    swap is reference-counted (nested and concurrent transforms); another
+    thread calling ``layer_norm`` meanwhile gets the same values.
+    """
+    global _norm_depth, _fused_layer_norm
+    functional = torch.nn.functional
+    with _norm_lock:
+        if _norm_depth == 0:
+            _fused_layer_norm = functional.layer_norm
+            functional.layer_norm = _composite_layer_norm
+        _norm_depth += 1
+    try:
+        yield
+    finally:
+        with _norm_lock:
+            _norm_depth -= 1
+            if _norm_depth == 0:
+                functional.layer_norm = _fused_layer_norm
+
+
+@contextlib.contextmanager
+def transform_kernels():
+    """Kernels whose derivatives compose: math attention, composite layer norm."""
+    with _math_attention(), _composite_norms():
+        yield
+
+
+def _with_transform_kernels(transform):
+    """Wraps ``transform(*args)``'s result so each call runs under :func:`transform_kernels`."""
+
+    @functools.wraps(transform)
+    def make(f, *args, **kwargs):
+        inner = transform(f, *args, **kwargs)
+
+        @functools.wraps(f)
+        def wrapped(*call_args, **call_kwargs):
+            with transform_kernels():
+                return inner(*call_args, **call_kwargs)
+
+        return wrapped
+
+    return make
+
+
 def jvp(f, primals, tangents, has_aux=False):
-    """``torch.func.jvp``, with attention on its forward-differentiable kernel."""
-    with _math_attention():
+    """``torch.func.jvp``, on kernels whose derivatives compose (see ``transform_kernels``)."""
+    with transform_kernels():
         return tf_func.jvp(f, primals, tangents, has_aux=has_aux)
 
 
-def jacfwd(f, argnums=0, has_aux=False):
-    """``torch.func.jacfwd``, with attention on its forward-differentiable kernel."""
-    inner = tf_func.jacfwd(f, argnums=argnums, has_aux=has_aux)
+def vjp(f, *primals, has_aux=False):
+    """``torch.func.vjp``; the forward pass runs on kernels whose derivatives compose."""
+    with transform_kernels():
+        return tf_func.vjp(f, *primals, has_aux=has_aux)
 
-    @functools.wraps(f)
-    def wrapped(*args, **kwargs):
-        with _math_attention():
-            return inner(*args, **kwargs)
 
-    return wrapped
+jacfwd = _with_transform_kernels(tf_func.jacfwd)
+jacfwd.__doc__ = "``torch.func.jacfwd`` on kernels whose derivatives compose."
+jacrev = _with_transform_kernels(tf_func.jacrev)
+jacrev.__doc__ = "``torch.func.jacrev`` on kernels whose derivatives compose."
 
 
 def value_and_grad(f, argnums=0, has_aux=False):
@@ -137,7 +211,14 @@ def vmap(f, in_axes=0, out_axes=0):
         in_axes = tuple(in_axes)
     if isinstance(out_axes, list):
         out_axes = tuple(out_axes)
-    return tf_func.vmap(f, in_dims=in_axes, out_dims=out_axes, randomness="different")
+    mapped = tf_func.vmap(f, in_dims=in_axes, out_dims=out_axes, randomness="different")
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with transform_kernels():
+            return mapped(*args, **kwargs)
+
+    return wrapped
 
 
 def _vmap_unsupported(err: RuntimeError) -> bool:
@@ -145,14 +226,21 @@ def _vmap_unsupported(err: RuntimeError) -> bool:
 
 
 def hessian(f, argnums=0):
-    """Forward over reverse; reverse over reverse where ``vmap`` cannot run the forward.
+    """Forward over reverse, ``jacfwd(grad(f))``; reverse over reverse where ``vmap`` fails.
+
+    The inner derivative is ``grad``, not ``jacrev``: in torch 2.13,
+    differentiating a ``vmap``-ed layer-norm backward (what ``jacrev`` runs)
+    gives wrong cross terms between the norm's weight and its input, so
+    ``jacfwd(jacrev(f))`` of two stacked ``LayerNormalization`` layers is not
+    even symmetric (see docs/backends.md). ``grad`` maps nothing, and its
+    derivatives are right.
 
     ``torch.func.jacfwd`` maps the forward pass with ``vmap``, which fails inside
     Keras's Conv2D ("Tensor.clone(memory_format) inside vmap"). Reverse over
     reverse maps only backward passes, which work; the Hessian is the same.
     """
-    fwd = jacfwd(tf_func.jacrev(f, argnums=argnums), argnums=argnums)
-    rev = tf_func.jacrev(tf_func.jacrev(f, argnums=argnums), argnums=argnums)
+    fwd = jacfwd(tf_func.grad(f, argnums=argnums), argnums=argnums)
+    rev = jacrev(tf_func.grad(f, argnums=argnums), argnums=argnums)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
