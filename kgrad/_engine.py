@@ -211,7 +211,7 @@ class Request:
         self.args_template = out
         return out
 
-    def check_per_sample(self, what: str, fix: str = "give a `loss`") -> None:
+    def check_per_sample(self, what: str, fix: str) -> None:
         """Refuses per-sample results where samples interact (batch statistics).
 
         ``fix`` is what, besides ``training=False``, makes the call well defined.

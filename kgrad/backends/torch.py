@@ -211,14 +211,9 @@ def vmap(f, in_axes=0, out_axes=0):
         in_axes = tuple(in_axes)
     if isinstance(out_axes, list):
         out_axes = tuple(out_axes)
-    mapped = tf_func.vmap(f, in_dims=in_axes, out_dims=out_axes, randomness="different")
-
-    @functools.wraps(f)
-    def wrapped(*args, **kwargs):
-        with transform_kernels():
-            return mapped(*args, **kwargs)
-
-    return wrapped
+    return _with_transform_kernels(tf_func.vmap)(
+        f, in_dims=in_axes, out_dims=out_axes, randomness="different"
+    )
 
 
 def _vmap_unsupported(err: RuntimeError) -> bool:
@@ -228,12 +223,10 @@ def _vmap_unsupported(err: RuntimeError) -> bool:
 def hessian(f, argnums=0):
     """Forward over reverse, ``jacfwd(grad(f))``; reverse over reverse where ``vmap`` fails.
 
-    The inner derivative is ``grad``, not ``jacrev``: in torch 2.13,
-    differentiating a ``vmap``-ed layer-norm backward (what ``jacrev`` runs)
-    gives wrong cross terms between the norm's weight and its input, so
-    ``jacfwd(jacrev(f))`` of two stacked ``LayerNormalization`` layers is not
-    even symmetric (see docs/backends.md). ``grad`` maps nothing, and its
-    derivatives are right.
+    The inner derivative is ``grad``, not ``jacrev``: for a scalar ``f`` it is
+    one backward pass instead of a mapped one, and its derivatives are right
+    even on torch 2.13's fused layer norm, whose mapped backward differentiates
+    wrongly (see :func:`_composite_norms`, which also guards ``jacrev``).
 
     ``torch.func.jacfwd`` maps the forward pass with ``vmap``, which fails inside
     Keras's Conv2D ("Tensor.clone(memory_format) inside vmap"). Reverse over
