@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,7 @@ def set_jit_compile(enabled: bool) -> None:
     With ``True`` (the default; the environment variable
     ``KGRAD_JIT_COMPILE=0`` starts with ``False``), a call repeated with the
     same options, shapes and dtypes is compiled (``jax.jit`` /
-    ``tf.function``) on its second use and reused afterwards, always with the
+    ``tf.function``) on its first use and reused afterwards, always with the
     model's current weights. ``False`` runs every call eagerly, which is
     easier to debug (like Keras's ``run_eagerly=True``). PyTorch always runs
     eagerly.
@@ -115,26 +116,52 @@ def cache_size(model=None) -> int:
 
 
 class _Entry:
-    __slots__ = ("calls", "fn", "structure", "variables")
+    __slots__ = ("fn", "structure", "variables")
 
     def __init__(self, variables):
-        self.calls = 0
         self.fn = None
         self.structure = None
         # Held so that the ids in the cache key cannot be reused by new variables.
         self.variables = variables
 
 
-def _hashable(value):
-    """A hashable stand-in for an option, or raises TypeError."""
+def _hashable(value, depth: int = 0):
+    """A hashable stand-in for an option, or raises TypeError.
+
+    Plain functions (a ``lambda`` written inline at the call site is a new
+    object on every call) are keyed on their code, their closure values, their
+    defaults and the module globals they name, so the same lambda reuses its
+    compiled function, while a lambda whose captured value changed does not.
+    A value that cannot be keyed safely (an array in a closure) raises
+    TypeError: the call then runs eagerly, never with stale values.
+    """
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_hashable(v) for v in value))
+        return (type(value).__name__, *(_hashable(v, depth) for v in value))
     if isinstance(value, dict):
-        return ("dict", *((k, _hashable(v)) for k, v in value.items()))
+        return ("dict", *((k, _hashable(v, depth)) for k, v in value.items()))
+    if isinstance(value, types.FunctionType) and depth < 3:
+        code = value.__code__
+        cells = tuple(_hashable(c.cell_contents, depth + 1) for c in value.__closure__ or ())
+        names = tuple(
+            (n, _global_key(value.__globals__[n])) for n in code.co_names if n in value.__globals__
+        )
+        defaults = _hashable(tuple(value.__defaults__ or ()), depth + 1)
+        kwdefaults = _hashable(dict(value.__kwdefaults__ or {}), depth + 1)
+        return ("function", code, cells, names, defaults, kwdefaults)
+    if isinstance(value, types.MethodType):
+        return ("method", value.__func__, _hashable(value.__self__, depth + 1))
     hash(value)
     if isinstance(value, (str, int, float, bool, type(None))):
         return (type(value).__name__, value)
-    return ("object", value)  # layers, losses and callables: by identity
+    return ("object", value)  # layers, losses, models, modules: by identity, held by the key
+
+
+def _global_key(value):
+    """A module global named by a keyed function: numbers and strings by value, else identity."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return (type(value).__name__, value)
+    hash(value)  # arrays raise TypeError: such a function runs eagerly
+    return ("object", value)
 
 
 def _signature(value):
@@ -155,18 +182,6 @@ except ImportError:  # pragma: no cover - the import moved
         return True  # always read `v.value`, which is always right
 
 
-def _inside_tf_graph() -> bool:
-    """Whether TensorFlow is building a graph (``fit``, a user's ``tf.function``).
-
-    Then kgrad runs inline, so the outer graph holds the whole computation.
-    Eagerly, an outer ``GradientTape`` differentiates through kgrad's
-    ``tf.function`` like any other op (tested to second order).
-    """
-    import tensorflow as tf
-
-    return not tf.executing_eagerly()
-
-
 def _torch_eager(fn: Callable) -> Callable:
     """``fn``, kept out of ``torch.compile``'s graph when that is tracing.
 
@@ -183,7 +198,7 @@ def _torch_eager(fn: Callable) -> Callable:
 
 
 def _values(variables) -> list:
-    """Current variable values; inside a ``StatelessScope`` (``fit``), the scope's."""
+    """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
     if _in_stateless_scope():
         return [v.value for v in variables]
     # Outside a scope `v.value` is `v._value` plus autocast bookkeeping (which
@@ -191,25 +206,13 @@ def _values(variables) -> list:
     return [v._value for v in variables]
 
 
-def _compile(backend_name: str, fn: Callable) -> Callable:
-    if backend_name == "jax":
-        import jax
-
-        return jax.jit(fn)
-    import tensorflow as tf
-
-    # One tf.function per signature (shapes are in the cache key), so shapes
-    # stay static and it traces once.
-    return tf.function(fn, autograph=False, reduce_retracing=False)
-
-
 def _build(fname, body, model, options, entry) -> Callable:
-    """The compiled function of one signature.
+    """The compiled function ``f(state, arrays)`` of one signature.
 
-    JAX: ``f(state, arrays)`` with every variable value an argument. TensorFlow:
-    ``f(arrays)`` reading the variables inside the graph, which captures them
-    as resource handles (read at every call, as a hand-written ``tf.function``
-    does), never as constants.
+    Every variable value is an argument (``state``, aligned with
+    ``model.variables``), on TensorFlow as on JAX: nothing is read inside the
+    compiled code, so a user's ``keras.StatelessScope`` mapping reaches it and
+    no value is ever frozen into it.
     """
     ref = weakref.ref(model)  # the compiled function must not keep the model alive
     prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
@@ -220,16 +223,14 @@ def _build(fname, body, model, options, entry) -> Callable:
             ref(),
             arrays["x"],
             y=arrays.get("y"),
-            state=None if state is None else list(state),
+            state=list(state),
             **prepare_kwargs,
         )
         out = body(req, arrays, options)
         entry.structure = tree.map_structure(lambda _: 0, out)
         return tree.flatten(out)
 
-    if _backends.name() == "jax":
-        return _compile("jax", traced)
-    return _compile("tensorflow", lambda arrays: traced(None, arrays))
+    return _backends.hook("compile_call")(traced)
 
 
 def call(
@@ -265,8 +266,8 @@ def call(
         return _torch_eager(eager)()
     if not (_enabled and isinstance(model, keras.layers.Layer) and model.built):
         return eager()  # (an unbuilt model: prepare raises the error)
-    if name == "tensorflow" and _inside_tf_graph():
-        return eager()
+    if _backends.hook("inside_graph")():
+        return eager()  # inline: the outer graph holds the whole computation
     variables = list(model.variables)
     try:
         key = (
@@ -276,8 +277,9 @@ def call(
             tuple(map(id, variables)),
             tuple(v.trainable for v in variables),  # freezing a layer changes `wrt` weights
             _memory.get_memory_budget(),
-            # `y` without `loss` uses the compiled loss, which may be recompiled.
-            id(getattr(model, "_compile_loss", None)) if arrays.get("y") is not None else 0,
+            # `y` without `loss` uses the compiled loss, which `compile()` replaces;
+            # the key holds the object, so its identity cannot be reused.
+            _hashable(getattr(model, "_compile_loss", None)) if arrays.get("y") is not None else 0,
         )
     except (TypeError, AttributeError):
         return eager()  # unhashable option (e.g. an array as `target`)
@@ -292,13 +294,9 @@ def call(
                 entries.popitem(last=False)
         else:
             entries.move_to_end(key)
-        entry.calls += 1
         if entry.fn is None:
             entry.fn = _build(fname, body, model, options, entry)
         fn = entry.fn
-    if name == "jax":
-        flat = fn(_values(variables), arrays)
-    else:
-        flat = fn(arrays)
+    flat = fn(_values(variables), arrays)
     out = tree.pack_sequence_as(entry.structure, list(flat))
     return finish(model, out) if finish else out

@@ -59,7 +59,8 @@ class Request:
     watch: dict = dataclasses.field(default_factory=dict)  # name -> layer
     act_names: list = dataclasses.field(default_factory=list)
     probe_like: dict = dataclasses.field(default_factory=dict)  # name -> output structure
-    batch_size: int = 0
+    # None when the batch axis is dynamic (a TensorFlow graph with an unknown batch).
+    batch_size: int | None = 0
     layers_spec: Any = None
     of_key: str | None = None
     args_template: dict = dataclasses.field(default_factory=dict)
@@ -451,7 +452,8 @@ def prepare(
         _check_input_shapes(model, x, fname)
         _check_batch_sizes(x, y, fname)
     leaves = tree.flatten(x)
-    batch = int(leaves[0].shape[0]) if leaves and len(leaves[0].shape) else 1
+    batch = leaves[0].shape[0] if leaves and len(leaves[0].shape) else 1
+    batch = None if batch is None else int(batch)
     req = Request(
         fname=fname,
         model=model,

@@ -61,22 +61,45 @@ def batched_map(fn, stacked):
     return func.vmap(fn)(stacked)
 
 
+def static_size(shape) -> int | None:
+    """The number of elements of ``shape``, or None when an axis is unknown (a graph's batch)."""
+    if any(d is None for d in shape):
+        return None
+    return math.prod(int(d) for d in shape)
+
+
+def _dynamic_batch_error(what: str) -> ValueError:
+    return ValueError(
+        f"{what} in pieces needs to know how many pieces there are, but the batch axis is "
+        f"dynamic here (a TensorFlow graph with an unknown batch size). Received: "
+        f"chunk_size with a batch of unknown size. Drop `chunk_size`, or give the graph a "
+        f"static batch size (e.g. `drop_remainder=True` in tf.data)."
+    )
+
+
 def jacobian(f, x, mode="rev", chunk_size=None):
     """Jacobian of ``f`` (tensor -> tensor) at tensor ``x``: ``out.shape + x.shape``."""
-    if chunk_size is None and mode == "fwd":
+    n_in = static_size(tuple(x.shape))
+    if mode == "fwd" and (chunk_size is None or n_in is None):
+        if chunk_size is not None:
+            raise _dynamic_batch_error("A forward-mode Jacobian")
         try:
             return func.jacfwd(f)(x)
         except RuntimeError as err:
             if _backends.name() != "torch" or "vmap" not in str(err):
                 raise
             # torch cannot vmap this model's forward (Conv2D): go column by column.
-            chunk_size = math.prod(tuple(x.shape))
+            chunk_size = n_in
     if mode == "rev":
         out, pullback = func.vjp(f, x)
         out_shape = tuple(out.shape)
-        n = math.prod(out_shape)
+        n = static_size(out_shape)
+        if n is None:  # rows of unknown number (a dynamic batch in a graph)
+            if chunk_size is not None:
+                raise _dynamic_batch_error("A reverse-mode Jacobian")
+            return func.jacrev(f)(x)
         if n == 1:  # one row: a single pull, no batching
-            return ops.reshape(pullback(ops.ones_like(out))[0], (*out_shape, *x.shape))
+            return ops.reshape(pullback(ops.ones_like(out))[0], (*out_shape, *ops.shape(x)))
         chunk_size = chunk_size or n  # all rows at once: jacrev, as vjp + vmap
         pieces = []
         for start in range(0, n, chunk_size):
@@ -84,17 +107,41 @@ def jacobian(f, x, mode="rev", chunk_size=None):
             cot = _basis(out_shape, out.dtype, rows)
             pieces.append(batched_map(lambda c: pullback(c)[0], cot))
         flat = ops.concatenate(pieces, axis=0)
-        return ops.reshape(flat, (*out_shape, *x.shape))
-    n = math.prod(tuple(x.shape))
+        return ops.reshape(flat, (*out_shape, *ops.shape(x)))
     pieces = []
-    for start in range(0, n, chunk_size):
-        rows = range(start, min(start + chunk_size, n))
+    for start in range(0, n_in, chunk_size):
+        rows = range(start, min(start + chunk_size, n_in))
         tan = _basis(tuple(x.shape), x.dtype, rows)
         pieces.append(batched_map(lambda t: func.jvp(f, (x,), (t,))[1], tan))
     cols = ops.concatenate(pieces, axis=0)  # (n_in, *out)
     out_rank = len(cols.shape) - 1
     cols = ops.transpose(cols, (*range(1, out_rank + 1), 0))
-    return ops.reshape(cols, (*cols.shape[:out_rank], *x.shape))
+    return ops.reshape(cols, (*ops.shape(cols)[:out_rank], *x.shape))
+
+
+def per_sample_jacfwd(g, x, chunk_size=None):
+    """Per-sample Jacobians in forward mode with broadcast one-hot tangents.
+
+    ``g`` maps the batch ``x`` (B, *feat) to a batch-first output (B, *out) whose
+    rows depend on their own sample only. The tangent one-hot at feature j in
+    *every* sample pushes forward to every sample's Jacobian column j at once,
+    so the cost is one forward pass per input feature, not per batch element.
+    Returns (B, *out, *feat).
+    """
+    feat = tuple(x.shape[1:])
+    n = math.prod(feat)
+    b = ops.shape(x)[0]
+    chunk = chunk_size or n
+    pieces = []
+    for start in range(0, n, chunk):
+        rows = range(start, min(start + chunk, n))
+        one = _basis(feat, x.dtype, rows)  # (c, *feat)
+        tan = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), b, *feat))
+        pieces.append(batched_map(lambda t: func.jvp(g, (x,), (t,))[1], tan))  # (c, B, *out)
+    cols = ops.concatenate(pieces, axis=0)  # (n, B, *out)
+    rank = len(cols.shape)
+    cols = ops.transpose(cols, (*range(1, rank), 0))  # (B, *out, n)
+    return ops.reshape(cols, (*ops.shape(cols)[:-1], *feat))
 
 
 def per_sample_hessian_columns(g, x, chunk_size=None):
@@ -112,7 +159,7 @@ def per_sample_hessian_columns(g, x, chunk_size=None):
         return _per_sample_hessian_rows(g, x, chunk_size)
     feat = tuple(x.shape[1:])
     n = math.prod(feat)
-    b = x.shape[0]
+    b = ops.shape(x)[0]
     chunk = chunk_size or n
     pieces = []
     for start in range(0, n, chunk):
@@ -126,7 +173,7 @@ def per_sample_hessian_columns(g, x, chunk_size=None):
     # -> (B, *out, *feat, n)
     perm = (1 + n_out, *range(1, 1 + n_out), *range(2 + n_out, rank), 0)
     cols = ops.transpose(cols, perm)
-    return ops.reshape(cols, (*cols.shape[:-1], *feat))
+    return ops.reshape(cols, (*ops.shape(cols)[:-1], *feat))
 
 
 def _per_sample_hessian_rows(g, x, chunk_size=None):
@@ -137,7 +184,7 @@ def _per_sample_hessian_rows(g, x, chunk_size=None):
     Hessian row ``(o, j)`` (cross-sample blocks are zero).
     """
     feat = tuple(x.shape[1:])
-    b = x.shape[0]
+    b = ops.shape(x)[0]
     first, pullback = func.vjp(g, x)
     shape = tuple(first.shape)
     out = shape[: len(shape) - 1 - len(feat)]

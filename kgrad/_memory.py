@@ -61,9 +61,18 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.1f} TiB"  # pragma: no cover
 
 
+def known_size(shape) -> int:
+    """The number of elements of ``shape``, counting unknown (``None``) axes as 1."""
+    return math.prod(1 if d is None else int(d) for d in shape)
+
+
 def check(what: str, shapes, in_flight_bytes: float, itemsize: int = 4, fname: str = "") -> None:
-    """Raises ValueError when ``what`` (result ``shapes`` plus in-flight bytes) is too big."""
-    result = sum(math.prod(s) for s in shapes) * itemsize
+    """Raises ValueError when ``what`` (result ``shapes`` plus in-flight bytes) is too big.
+
+    A dimension that is unknown (``None``: a dynamic batch axis inside a graph)
+    counts as 1, so the check is then a lower bound: one sample's share.
+    """
+    result = sum(known_size(s) for s in shapes) * itemsize
     total = result + in_flight_bytes
     budget = get_memory_budget()
     if total > budget:

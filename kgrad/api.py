@@ -107,7 +107,8 @@ def _check_batch_first(req: _engine.Request, out_shape, fname, per_sample):
     """Per-sample results need the selected output to keep the batch axis first."""
     if not per_sample or not any(k in _engine.BATCHED for k in req.wrt):
         return
-    if len(out_shape) == 0 or out_shape[0] != req.batch_size:
+    known = out_shape and None not in (out_shape[0], req.batch_size)
+    if len(out_shape) == 0 or (known and out_shape[0] != req.batch_size):
         raise ValueError(
             f"`kgrad.{fname}` with per_sample=True needs the selected output to keep the "
             f"batch axis first (size {req.batch_size}), but it has shape {out_shape}. "
@@ -237,6 +238,8 @@ def _choose_mode(mode, n_in, n_out):
             f"{_errors.closest(str(mode), ('auto', 'rev', 'fwd'))}"
         )
     if mode == "auto":
+        if n_in is None or n_out is None:  # unknown sizes (a dynamic batch in a graph)
+            return "rev"
         return "fwd" if n_in < n_out else "rev"
     return mode
 
@@ -323,27 +326,35 @@ def _jacobian(req: _engine.Request, arrays, options):
         leaves_struct = args[kind]
         flat = tree.flatten(leaves_struct)
         results = []
+        batched = kind in _engine.BATCHED and per_sample
         for i, leaf in enumerate(flat):
 
-            def f(v, i=i, kind=kind, struct=leaves_struct, flat=flat):
-                new = _substitute(args, kind, struct, flat, i, v)
-                out = req.selected_output(new)
-                if kind in _engine.BATCHED and per_sample:
-                    return ops.sum(out, axis=0)
-                return out
+            def selected(v, i=i, kind=kind, struct=leaves_struct, flat=flat):
+                return req.selected_output(_substitute(args, kind, struct, flat, i, v))
 
-            batched = kind in _engine.BATCHED and per_sample
             rows = out_shape[1:] if batched else out_shape
-            n_out, n_in = math.prod(rows), math.prod(tuple(leaf.shape))
+            wrt_feat = tuple(leaf.shape[1:]) if batched else tuple(leaf.shape)
+            n_out, n_in = _jac.static_size(rows), _jac.static_size(wrt_feat)
             m = _choose_mode(mode, n_in, n_out)
-            result_shape = (*out_shape, *leaf.shape[1:]) if batched else (*rows, *leaf.shape)
+            result_shape = (*out_shape, *wrt_feat)
+            n_dirs = (n_out if m == "rev" else n_in) or 1
+            chunk = min(chunk_size or n_dirs, n_dirs)
+            itemsize = _itemsize(leaf)
+            # In flight: one output-sized and one input-sized tensor per direction.
             in_flight = (
-                (chunk_size or (n_out if m == "rev" else n_in)) * 4 * (math.prod(out_shape) + n_in)
+                chunk
+                * itemsize
+                * (_memory.known_size(out_shape) + _memory.known_size(tuple(leaf.shape)))
             )
-            _memory.check("Jacobian", [result_shape], in_flight, _itemsize(leaf), "jacobian")
-            jac = _jac.jacobian(f, leaf, mode=m, chunk_size=chunk_size)
-            if batched:
+            _memory.check("Jacobian", [result_shape], in_flight, itemsize, "jacobian")
+            if batched and m == "fwd":
+                jac = _jac.per_sample_jacfwd(selected, leaf, chunk_size)
+            elif batched:
+                summed = lambda v, selected=selected: ops.sum(selected(v), axis=0)
+                jac = _jac.jacobian(summed, leaf, mode="rev", chunk_size=chunk_size)
                 jac = _jac.move_batch_first(jac, len(rows))
+            else:
+                jac = _jac.jacobian(selected, leaf, mode=m, chunk_size=chunk_size)
             results.append(jac)
         per_kind[kind] = tree.pack_sequence_as(leaves_struct, results)
     return _result(req, per_kind)
@@ -411,7 +422,7 @@ def _hessian(req: _engine.Request, arrays, options):
         if kind == "weights":
             flat = tree.flatten(struct)
             n = sum(math.prod(tuple(v.shape)) for v in flat)
-            _memory.check("Hessian", [(n, n)], 0, 4, "hessian")
+            _memory.check("Hessian", [(n, n)], 0, _itemsize(flat[0]) if flat else 4, "hessian")
             per_kind[kind] = {
                 k: _reorder(struct, row)
                 for k, row in _reorder(
@@ -451,14 +462,17 @@ def _hessian(req: _engine.Request, arrays, options):
                 _memory.check(
                     "Hessian",
                     [shape],
-                    (chunk_size or n_feat) * 4 * n_out * math.prod(leaf.shape),
+                    min(chunk_size or n_feat, n_feat)
+                    * _itemsize(leaf)
+                    * n_out
+                    * _memory.known_size(tuple(leaf.shape)),
                     _itemsize(leaf),
                     "hessian",
                 )
                 results.append(_jac.per_sample_hessian_columns(first, leaf, chunk_size))
             else:
-                n_all = math.prod(tuple(leaf.shape))
-                n_out = math.prod(out_shape) if out_rank else 1
+                n_all = _memory.known_size(tuple(leaf.shape))
+                n_out = _memory.known_size(out_shape) if out_rank else 1
                 _memory.check("Hessian", [(n_out, n_all, n_all)], 0, _itemsize(leaf), "hessian")
                 results.append(_jac.jacobian(first, leaf, mode="fwd", chunk_size=chunk_size))
         per_kind[kind] = tree.pack_sequence_as(struct, results)

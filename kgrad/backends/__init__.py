@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import keras
+
+from kgrad.backends import _contract
 
 #: Keras backends kgrad can differentiate with.
 SUPPORTED = ("jax", "tensorflow", "torch")
@@ -50,3 +53,22 @@ def load() -> ModuleType:
         module = importlib.import_module(f"kgrad.backends.{active}")
         _loaded[active] = module
     return module
+
+
+def hook(member: str) -> Any:
+    """The active backend's ``member``, or the default that ``_contract`` declares.
+
+    Example:
+
+    >>> from kgrad import backends
+    >>> callable(backends.hook("inside_graph"))
+    True
+    """
+    module = load()
+    if hasattr(module, member):
+        return getattr(module, member)
+    if member not in _contract.DEFAULTS:
+        raise AttributeError(
+            f"No backend hook named {member!r}. Known: {sorted(_contract.DEFAULTS)}."
+        )
+    return _contract.DEFAULTS[member]

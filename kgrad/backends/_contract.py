@@ -31,6 +31,21 @@ MEMBERS = (
 )
 
 
+def _no_compile(f: Callable) -> None:
+    return None
+
+
+def _not_in_graph() -> bool:
+    return False
+
+
+#: Defaults of the optional hooks (see :class:`Backend`).
+DEFAULTS = {
+    "compile_call": _no_compile,
+    "inside_graph": _not_in_graph,
+}
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What ``kgrad.backends.load()`` returns."""
@@ -74,3 +89,17 @@ class Backend(Protocol):
 
     def jit(self, f: Callable):
         """Returns ``f`` compiled where the framework gains from it, else ``f`` itself."""
+
+    # ------------------------------------------------------------------ hooks
+    # Optional members: a backend that lacks one gets the default in DEFAULTS.
+
+    def compile_call(self, f: Callable) -> Callable | None:
+        """Compiles a model-level call ``f(state, arrays)`` for kgrad's cache.
+
+        ``state`` holds every variable value and ``arrays`` the inputs, so
+        nothing is read inside the compiled code. ``None``: the backend runs
+        model-level calls eagerly (no cache).
+        """
+
+    def inside_graph(self) -> bool:
+        """Whether a graph is being built around the call (then kgrad runs inline)."""

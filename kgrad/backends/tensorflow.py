@@ -369,7 +369,9 @@ def vmap(f, in_axes=0, out_axes=0):
                     [convert(x) for x in leaves],
                 )
         elems = {i: [m for m in moved if m is not None] for i, (_, moved, _) in mapped.items()}
-        sizes = {int(x.shape[0]) for group in elems.values() for x in group}
+        sizes = {
+            int(x.shape[0]) for group in elems.values() for x in group if x.shape[0] is not None
+        }
         if len(sizes) > 1:
             raise ValueError(
                 f"vmap got inconsistent sizes for the mapped axes. Received sizes: "
@@ -415,3 +417,36 @@ def jit(f):
     AutoGraph is off, as in ``jax.jit``: Python control flow runs at trace time.
     """
     return tf.function(f, reduce_retracing=True, autograph=False)
+
+
+class _Call:
+    """A model-level call as an object, so TensorFlow counts its traces apart.
+
+    ``tf.function`` keys its "retracing" warning on the wrapped function's code
+    object; every compiled kgrad call shares one, so a handful of ordinary calls
+    would trigger the warning. An object without ``__code__`` is keyed by itself.
+    """
+
+    def __init__(self, f):
+        self._f = f
+
+    def __call__(self, state, arrays):
+        return self._f(state, arrays)
+
+
+def compile_call(f):
+    """One ``tf.function`` per signature (shapes are in kgrad's cache key).
+
+    Shapes stay static, so it traces once; AutoGraph is off, as in ``jax.jit``.
+    """
+    return tf.function(_Call(f), autograph=False, reduce_retracing=False)
+
+
+def inside_graph() -> bool:
+    """Whether TensorFlow is building a graph (``fit``, a user's ``tf.function``).
+
+    Then kgrad runs inline, so the outer graph holds the whole computation.
+    Eagerly, an outer ``GradientTape`` differentiates through kgrad's
+    ``tf.function`` like any other op.
+    """
+    return not tf.executing_eagerly()

@@ -1,0 +1,122 @@
+"""What kgrad's compiled-call cache keys on, and what it must never freeze.
+
+References are NumPy backprop of a one-layer tanh model,
+``y = tanh(x @ W + b)``: ``d sum(y) / dW = x.T @ (1 - y**2)``.
+"""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+from helpers import np_
+
+import kgrad
+from kgrad import _compiled
+
+BACKEND = keras.backend.backend()
+ops = keras.ops
+CACHES = BACKEND in ("jax", "tensorflow")  # torch runs model-level calls eagerly
+
+
+def _model():
+    inp = keras.Input((3,))
+    return keras.Model(inp, keras.layers.Dense(2, activation="tanh", name="d")(inp), name="net")
+
+
+def _np_kernel_grad(x, w, b, select=None):
+    y = np.tanh(x @ w + b)
+    upstream = np.ones_like(y) if select is None else select
+    return x.T @ ((1 - y**2) * upstream)
+
+
+def test_a_users_stateless_scope_reaches_compiled_calls(rng):
+    model = _model()
+    x = rng.normal(size=(5, 3)).astype("float32")
+    own = [np.array(v) for v in model.get_weights()]
+    mapped = [rng.normal(size=v.shape).astype("float32") for v in own]
+    mapping = list(zip(model.trainable_variables, [ops.convert_to_tensor(m) for m in mapped]))
+    for _ in range(3):  # the first call compiles, the next reuse it
+        with keras.StatelessScope(state_mapping=mapping):
+            g = np_(kgrad.grad(model, x, wrt="weights"))[model.get_layer("d").kernel.path]
+        np.testing.assert_allclose(g, _np_kernel_grad(x, *mapped), rtol=1e-4, atol=1e-5)
+        # Outside the scope the model's own weights, never the mapped values frozen in.
+        g = np_(kgrad.grad(model, x, wrt="weights"))[model.get_layer("d").kernel.path]
+        np.testing.assert_allclose(g, _np_kernel_grad(x, *own), rtol=1e-4, atol=1e-5)
+
+
+def test_recompiling_the_model_changes_the_compiled_loss(rng):
+    # `y` without `loss` uses the compiled loss; `compile()` replaces it, and a
+    # new object may reuse a freed one's id.
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2, name="d")(inp), name="net")
+    x = rng.normal(size=(6, 3)).astype("float32")
+    y = rng.normal(size=(6, 2)).astype("float32")
+    w, b = (np.array(v) for v in model.get_weights())
+    residual = x @ w + b - y
+    want = {
+        "mse": x.T @ (2 * residual) / residual.size,
+        "mae": x.T @ np.sign(residual) / residual.size,
+    }
+    for name in ["mse", "mae"] * 4:
+        model.compile(loss=name)
+        g = np_(kgrad.grad(model, x, wrt="weights", y=y))[model.get_layer("d").kernel.path]
+        np.testing.assert_allclose(g, want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_an_inline_lambda_target_reuses_its_compiled_call(rng):
+    model = _model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    w, b = (np.array(v) for v in model.get_weights())
+    kgrad.clear_cache()
+    for _ in range(4):
+        g = kgrad.grad(model, x, wrt="weights", target=lambda y: y[:, 0])
+    select = np.zeros((4, 2), "float32")
+    select[:, 0] = 1
+    np.testing.assert_allclose(
+        np_(g)[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+    )
+    if CACHES:
+        assert _compiled.cache_size(model) == 1
+
+
+def test_a_lambda_whose_captured_value_changed_is_not_reused(rng):
+    model = _model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    w, b = (np.array(v) for v in model.get_weights())
+    kgrad.clear_cache()
+    for unit in (0, 1, 0):
+        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y[:, unit]))
+        select = np.zeros((4, 2), "float32")
+        select[:, unit] = 1
+        np.testing.assert_allclose(
+            g[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+        )
+    if CACHES:
+        assert _compiled.cache_size(model) == 2
+    # A captured array cannot be keyed: the call runs eagerly, with the new values.
+    for scale in (1.0, 3.0):
+        weights = np.array([scale, 0.0], "float32")
+        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y * weights))
+        select = np.tile(weights, (4, 1))
+        np.testing.assert_allclose(
+            g[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's retracing warning")
+def test_ordinary_calls_do_not_warn_about_retracing(rng, caplog):
+    model = _model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = rng.normal(size=(4, 2)).astype("float32")
+    with caplog.at_level(logging.WARNING):
+        for n in (4, 3, 2):  # new signatures too
+            xs, ys = x[:n], y[:n]
+            kgrad.grad(model, xs)
+            kgrad.grad(model, xs, wrt="weights")
+            kgrad.value_and_grad(model, xs, y=ys, loss="mse")
+            kgrad.jacobian(model, xs)
+            kgrad.hessian(model, xs, target=0)
+            kgrad.hvp(model, xs, ops.ones_like(xs), wrt="inputs")
+            kgrad.layer_grad(model, xs, ys, loss="mse")
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
