@@ -106,6 +106,8 @@ class Request:
         scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
         with scope, watch.active(), _torch_rng(self.rng_seed):
             y_pred = self.model(x, training=self.training)
+            if self.of is not None:  # a shared or uncalled `of` layer has no single output
+                watch.check_called_once([self.of_key])
             out = y_pred if self.of is None else watch.outputs.get(self.of_key)
             result = extra(out) if extra else None
         return out, watch, result
@@ -237,14 +239,25 @@ class Request:
 
 
 def _seed_from_state(model) -> int:
-    """A seed determined by the model's random seed-generator states."""
+    """A seed determined by the model's random state, read without advancing it.
+
+    Keras's unseeded Dropout on PyTorch draws from torch's global generator,
+    not from the layer's seed state (which then never changes), so the global
+    generator's state is part of the seed: whatever advances the random state
+    (a training-mode forward pass, ``fit``'s step, a user's draw) gives kgrad
+    a new mask, as the seed states do on JAX and TensorFlow, while repeated
+    kgrad calls in between see the same one.
+    """
+    import torch
+
     values = [
         int(n)
         for v in model.variables
         if "seed_generator" in v.path
         for n in keras.ops.convert_to_numpy(v.value).ravel()
     ]
-    return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
+    global_state = hash(torch.random.get_rng_state().numpy().tobytes())
+    return hash((tuple(values), global_state)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 _torch_rng_lock = threading.RLock()
