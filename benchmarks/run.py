@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/run.py [--quick] [--backends jax,tensorflow,torch] [--markdown]
 
-Each backend runs ``python -m kgrad.bench --json`` in its own subprocess (the
+Each backend runs ``python -m kgrad.tools.bench --json`` in its own subprocess (the
 same interpreter as this script, ``KERAS_BACKEND`` set, ``TF_CPP_MIN_LOG_LEVEL=3``),
 one after the other, never in parallel. See ``benchmarks/README.md``.
 """
@@ -41,7 +41,7 @@ def _run_backend(backend: str, quick: bool, repeats: int | None) -> dict:
     env["KERAS_BACKEND"] = backend
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "kgrad.bench", "--json"]
+    cmd = [sys.executable, "-m", "kgrad.tools.bench", "--json"]
     if quick:
         cmd.append("--quick")
     if repeats is not None:

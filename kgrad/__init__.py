@@ -6,6 +6,7 @@ The transforms live in :mod:`kgrad.func`; the model-level API is added on top.
 from kgrad import callbacks, func
 from kgrad._compiled import clear_cache, get_jit_compile, set_jit_compile
 from kgrad._memory import get_memory_budget, set_memory_budget
+from kgrad._recording import differentiable
 from kgrad.api import LayerGrad, grad, hessian, hvp, jacobian, layer_grad, value_and_grad
 from kgrad.backends import SUPPORTED as SUPPORTED_BACKENDS
 from kgrad.check import GradCheck, check_grad
@@ -33,6 +34,7 @@ __all__ = [
     "set_jit_compile",
     "get_jit_compile",
     "clear_cache",
+    "differentiable",
     "SUPPORTED_BACKENDS",
     "__version__",
 ]

@@ -37,8 +37,8 @@ def is_batches(x: Any) -> bool:
         return False
     if isinstance(x, keras.utils.PyDataset):
         return True
-    if type(x).__module__.startswith("tensorflow") and hasattr(x, "element_spec"):
-        return True  # tf.data.Dataset (any subclass)
+    if hasattr(x, "element_spec") and hasattr(x, "as_numpy_iterator"):
+        return True  # tf.data.Dataset (any subclass), on any backend
     return isinstance(x, collections.abc.Iterable)
 
 

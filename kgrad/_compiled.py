@@ -38,6 +38,7 @@ import keras
 
 from kgrad import _batches, _engine, _memory
 from kgrad import backends as _backends
+from kgrad.backends import _contract
 
 tree = keras.tree
 
@@ -182,21 +183,6 @@ except ImportError:  # pragma: no cover - the import moved
         return True  # always read `v.value`, which is always right
 
 
-def _torch_eager(fn: Callable) -> Callable:
-    """``fn``, kept out of ``torch.compile``'s graph when that is tracing.
-
-    ``torch.compile`` (Keras's ``jit_compile=True`` on torch) miscompiles
-    some forward-mode ``torch.func`` code ("ZeroTensors are immutable"), so
-    kgrad's part of a compiled train step runs eagerly; autograd still flows
-    through it, and the rest of the step stays compiled.
-    """
-    import torch
-
-    if torch.compiler.is_compiling():
-        return torch.compiler.disable(fn, recursive=True)
-    return fn
-
-
 def _values(variables) -> list:
     """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
     if _in_stateless_scope():
@@ -206,8 +192,8 @@ def _values(variables) -> list:
     return [v._value for v in variables]
 
 
-def _build(fname, body, model, options, entry) -> Callable:
-    """The compiled function ``f(state, arrays)`` of one signature.
+def _traced(fname, body, model, options, entry) -> Callable:
+    """The function ``f(state, arrays)`` of one signature, for ``compile_call``.
 
     Every variable value is an argument (``state``, aligned with
     ``model.variables``), on TensorFlow as on JAX: nothing is read inside the
@@ -230,7 +216,7 @@ def _build(fname, body, model, options, entry) -> Callable:
         entry.structure = tree.map_structure(lambda _: 0, out)
         return tree.flatten(out)
 
-    return _backends.hook("compile_call")(traced)
+    return traced
 
 
 def call(
@@ -258,16 +244,18 @@ def call(
 
     def eager():
         req = _engine.prepare(fname, model, arrays["x"], y=arrays.get("y"), **prepare_kwargs)
-        out = body(req, arrays, options)
-        return finish(req.model, out) if finish else out
+        return body(req, arrays, options)
 
-    name = backend.name
-    if name == "torch":
-        return _torch_eager(eager)()
-    if not (_enabled and isinstance(model, keras.layers.Layer) and model.built):
-        return eager()  # (an unbuilt model: prepare raises the error)
-    if _backends.hook("inside_graph")():
-        return eager()  # inline: the outer graph holds the whole computation
+    def done(out):
+        return finish(model, out) if finish else out
+
+    compile_call = _backends.hook("compile_call")
+    if (
+        compile_call is _contract.DEFAULTS["compile_call"]  # the backend runs eagerly
+        or not (_enabled and isinstance(model, keras.layers.Layer) and model.built)
+        or _backends.hook("inside_graph")()  # inline: the outer graph holds it all
+    ):
+        return done(_backends.hook("eager_call")(eager, arrays))
     variables = list(model.variables)
     try:
         key = (
@@ -281,8 +269,8 @@ def call(
             # the key holds the object, so its identity cannot be reused.
             _hashable(getattr(model, "_compile_loss", None)) if arrays.get("y") is not None else 0,
         )
-    except (TypeError, AttributeError):
-        return eager()  # unhashable option (e.g. an array as `target`)
+    except (TypeError, AttributeError):  # unhashable option (e.g. an array as `target`)
+        return done(_backends.hook("eager_call")(eager, arrays))
     with _lock:
         entries = _cache.get(model)
         if entries is None:
@@ -295,8 +283,7 @@ def call(
         else:
             entries.move_to_end(key)
         if entry.fn is None:
-            entry.fn = _build(fname, body, model, options, entry)
+            entry.fn = compile_call(_traced(fname, body, model, options, entry))
         fn = entry.fn
     flat = fn(_values(variables), arrays)
-    out = tree.pack_sequence_as(entry.structure, list(flat))
-    return finish(model, out) if finish else out
+    return done(tree.pack_sequence_as(entry.structure, list(flat)))

@@ -16,14 +16,12 @@ changed (BatchNormalization statistics, seed states and metrics included).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from typing import Any
 
 import keras
 
-from kgrad import _errors, _layers, _model
+from kgrad import _errors, _interaction, _layers, _loss, _model
 from kgrad import backends as _backends
 
 ops = keras.ops
@@ -68,8 +66,8 @@ class Request:
     # given when the request runs inside a compiled function: then no variable
     # is read, so nothing is baked into the compiled code.
     state: Any = None
-    # PyTorch only, with training=True: the seed every forward pass of this
-    # request starts its random draws from (see `_torch_rng`).
+    # With training=True on backends whose layers draw from a global generator
+    # (PyTorch): the seed every forward pass of this request starts from.
     rng_seed: int | None = None
 
     def _variable_values(self) -> dict[int, Any]:
@@ -104,7 +102,7 @@ class Request:
             return out, None, extra(out) if extra else None
         watch = _layers.Watch(self.watch, args.get("activations"))
         scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
-        with scope, watch.active(), _torch_rng(self.rng_seed):
+        with scope, watch.active(), _backends.hook("seeded")(self.rng_seed):
             y_pred = self.model(x, training=self.training)
             if self.of is not None:  # a shared or uncalled `of` layer has no single output
                 watch.check_called_once([self.of_key])
@@ -154,29 +152,9 @@ class Request:
                 f"`loss` was given without targets. Received: loss={loss!r}, y=None. Pass "
                 f"the targets as `y=`."
             )
-        try:
-            if loss is None:
-                return self.model.compute_loss(x=self.x, y=y, y_pred=y_pred, training=self.training)
-            if isinstance(loss, str):
-                loss = keras.losses.get(loss)
-            value = loss(y, y_pred)
-        except Exception as err:  # the backend's shape error, made readable
-            y_shapes = [_shape(leaf) for leaf in tree.flatten(y)]
-            out_shapes = [_shape(leaf) for leaf in tree.flatten(y_pred)]
-            if y_shapes == out_shapes:
-                raise
-            want = out_shapes[0] if len(out_shapes) == 1 else out_shapes
-            got = y_shapes[0] if len(y_shapes) == 1 else y_shapes
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise ValueError(
-                f"The loss could not compare the targets with the model's output, whose "
-                f"shape differs. Expected `y` of shape {want} (or what the loss accepts for "
-                f"it, e.g. class indices for a sparse loss). Received: y with shape {got}, "
-                f"loss={self.loss!r}. The loss raised: {type(err).__name__}: {first}"
-            ) from err
-        if isinstance(loss, keras.losses.Loss) or len(value.shape) == 0:
-            return value
-        return ops.mean(value)  # Keras's default reduction, "sum_over_batch_size"
+        if loss is None:
+            return self.model.compute_loss(x=self.x, y=y, y_pred=y_pred, training=self.training)
+        return _loss.value(self.model, loss, y, y_pred)
 
     def objective_from_output(self, out):
         if self.has_loss:
@@ -215,7 +193,7 @@ class Request:
         return out
 
     def check_per_sample(self, what: str, fix: str) -> None:
-        """Refuses per-sample results where samples interact (batch statistics).
+        """Refuses per-sample results where samples interact (see ``_interaction``).
 
         ``fix`` is what, besides ``training=False``, makes the call well defined.
         """
@@ -224,67 +202,25 @@ class Request:
                 f"`kgrad.{self.fname}` got an empty batch. Received: x with batch size 0. "
                 f"Pass at least one sample."
             )
-        if not (self.is_keras and self.training):
+        if not self.is_keras or not _interaction.samples_interact(self):
             return
         mixing = [
-            layer.name for layer in _layers._all_layers(self.model) if isinstance(layer, _MIXING)
+            layer.name
+            for layer in _layers._all_layers(self.model)
+            if self.training and isinstance(layer, _MIXING)
         ]
-        if mixing:
-            raise ValueError(
-                f"{what} are per sample, but with `training=True` the layers {mixing} "
-                f"normalise with batch statistics, so each sample's output depends on the "
-                f"other samples and per-sample results are undefined. Received: "
-                f"training=True. Use `training=False`, or {fix}."
-            )
-
-
-def _seed_from_state(model) -> int:
-    """A seed determined by the model's random state, read without advancing it.
-
-    Keras's unseeded Dropout on PyTorch draws from torch's global generator,
-    not from the layer's seed state (which then never changes), so the global
-    generator's state is part of the seed: whatever advances the random state
-    (a training-mode forward pass, ``fit``'s step, a user's draw) gives kgrad
-    a new mask, as the seed states do on JAX and TensorFlow, while repeated
-    kgrad calls in between see the same one.
-    """
-    import torch
-
-    values = [
-        int(n)
-        for v in model.variables
-        if "seed_generator" in v.path
-        for n in keras.ops.convert_to_numpy(v.value).ravel()
-    ]
-    global_state = hash(torch.random.get_rng_state().numpy().tobytes())
-    return hash((tuple(values), global_state)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-_torch_rng_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def _torch_rng(seed: int | None):
-    """On PyTorch, starts every forward pass from the same random state.
-
-    Keras's unseeded Dropout on PyTorch draws its mask from torch's global
-    generator, not from the layer's seed state as on JAX and TensorFlow.
-    Re-seeding a forked generator from the model's seed states makes every
-    forward pass of a kgrad call (value, gradient, each Jacobian column, each
-    finite difference) use the same mask, and repeated calls agree, as on the
-    other backends. The global generator is restored afterwards. Forward
-    passes that re-seed it run one thread at a time.
-    """
-    if seed is None:
-        yield
-        return
-    import torch
-
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    # torch's generator is global: threads take turns for the forward pass.
-    with _torch_rng_lock, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+        detail = (
+            f" (the layers {mixing} normalise with batch statistics with `training=True`)"
+            if mixing
+            else ""
+        )
+        use = "`training=False`, or " if mixing else ""
+        raise ValueError(
+            f"{what} are per sample, but each sample's output depends on the other "
+            f"samples of the batch{detail}: changing one sample changed another's output, "
+            f"so per-sample results are undefined. Received: training={self.training}. "
+            f"Use {use}{fix}."
+        )
 
 
 def _sum_all(out):
@@ -485,8 +421,8 @@ def prepare(
         state=state,
     )
     req.layers_spec = layers
-    if is_keras and req.training and backend.name == "torch":
-        req.rng_seed = _seed_from_state(model)
+    if is_keras and req.training:
+        req.rng_seed = _backends.hook("call_seed")(model)
     if is_keras:
         req.layers, req.single_layer = _layers.resolve(model, layers)
         if of is not None:

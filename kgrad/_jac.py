@@ -26,39 +26,9 @@ def _basis(shape, dtype, rows):
     return ops.reshape(eye, (len(rows), *shape))
 
 
-# TensorFlow maps this many rows or fewer with an unrolled loop: pfor's set-up
-# costs more than a few tape pulls, and under XLA pfor's while-loop fallback is
-# very slow (1.5 s against 10 ms per PINN train step).
-TF_UNROLL = 8
-
-
-def _loop(fn, stacked, n):
-    outs = [fn(tree.map_structure(lambda s, i=i: s[i], stacked)) for i in range(n)]
-    return tree.map_structure(lambda *o: ops.stack(o), *outs)
-
-
 def batched_map(fn, stacked):
-    """``vmap(fn)(stacked)``, or a loop where the backend cannot vmap ``fn``."""
-    n = tree.flatten(stacked)[0].shape[0]
-    if _backends.name() == "tensorflow" and n is not None and n <= TF_UNROLL:
-        return _loop(fn, stacked, n)
-    if _backends.name() == "torch":
-        import torch
-
-        try:
-            # The mapped axis runs over directions (Jacobian rows or columns) of
-            # one function, so random ops (Dropout with training=True) draw the
-            # same values for every direction, as in the unmapped forward pass.
-            # Under the backend's transform kernels, as its own transforms.
-            with _backends.load().transform_kernels():
-                return torch.func.vmap(fn, randomness="same")(stacked)
-        except RuntimeError as err:
-            if "vmap" not in str(err):
-                raise
-            # torch.func.vmap fails inside some Keras layers (Conv2D's channels-last
-            # clone); a loop over the (small) chunk always works.
-            return _loop(fn, stacked, n)
-    return func.vmap(fn)(stacked)
+    """``vmap(fn)(stacked)`` over directions, as the backend maps them (see its hook)."""
+    return _backends.hook("batched_map")(fn, stacked)
 
 
 def static_size(shape) -> int | None:
@@ -85,10 +55,10 @@ def jacobian(f, x, mode="rev", chunk_size=None):
             raise _dynamic_batch_error("A forward-mode Jacobian")
         try:
             return func.jacfwd(f)(x)
-        except RuntimeError as err:
-            if _backends.name() != "torch" or "vmap" not in str(err):
+        except Exception as err:
+            if not _backends.hook("cannot_vmap")(err):
                 raise
-            # torch cannot vmap this model's forward (Conv2D): go column by column.
+            # The backend cannot vectorise this model (torch's Conv2D): go by columns.
             chunk_size = n_in
     if mode == "rev":
         out, pullback = func.vjp(f, x)
@@ -152,10 +122,7 @@ def per_sample_hessian_columns(g, x, chunk_size=None):
     at feature j in *every* sample gives, row by row, each sample's Hessian
     column j (cross-sample blocks are zero). Returns (B, *out, *feat, *feat).
     """
-    if _backends.name() == "tensorflow":
-        # Forward-over-reverse (a ForwardAccumulator under a tape) is slow in TF
-        # graphs and pathological under XLA (about 1.5 s per PINN train step
-        # against 15 ms for nested tapes), so TF goes reverse over reverse.
+    if _backends.hook("per_sample_hessian_mode") == "rev":
         return _per_sample_hessian_rows(g, x, chunk_size)
     feat = tuple(x.shape[1:])
     n = math.prod(feat)

@@ -7,7 +7,6 @@ or the sum of the ``target``-selected outputs), evaluated with every entry of
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -73,11 +72,7 @@ class GradCheck:
 
 
 def _no_grad():
-    if _backends.name() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
+    return _backends.hook("no_grad")()
 
 
 def _leaf_names(kind: str, struct) -> list[str]:

@@ -101,7 +101,41 @@ def test_openvino_backend_gives_a_clear_error(monkeypatch):
 
 
 def test_console_script_prints_version_and_backend():
-    proc = _run("from kgrad.cli import main; raise SystemExit(main([]))", keras.backend.backend())
+    proc = _run(
+        "from kgrad.tools.cli import main; raise SystemExit(main([]))", keras.backend.backend()
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"kgrad {kgrad.__version__}" in proc.stdout
     assert keras.backend.backend() in proc.stdout
+
+
+def test_hooks_are_documented_and_match_their_defaults():
+    methods = {n for n, v in vars(_contract.Hooks).items() if callable(v) and n[0] != "_"}
+    values = set(_contract.Hooks.__annotations__)
+    assert set(_contract.DEFAULTS) == methods | values
+    source = inspect.getsource(_contract.Hooks)
+    module = backends.load()
+    for name, default in _contract.DEFAULTS.items():
+        impl = getattr(module, name, default)
+        assert backends.hook(name) is impl
+        if name in values:
+            assert f"{name}: " in source and isinstance(impl, type(default)), name
+            continue
+        assert getattr(_contract.Hooks, name).__doc__, name
+        want = list(inspect.signature(getattr(_contract.Hooks, name)).parameters)[1:]
+        assert list(inspect.signature(impl).parameters)[: len(want)] == want, name
+
+
+def test_no_backend_is_named_outside_the_backends_package():
+    import pathlib
+    import re
+
+    root = pathlib.Path(kgrad.__file__).parent
+    pattern = re.compile(r'"(torch|tensorflow|jax)"')
+    found = [
+        f"{path.name}:{n}"
+        for path in sorted(root.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, found

@@ -74,7 +74,10 @@ def test_an_inline_lambda_target_reuses_its_compiled_call(rng):
     select = np.zeros((4, 2), "float32")
     select[:, 0] = 1
     np.testing.assert_allclose(
-        np_(g)[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+        np_(g)[model.get_layer("d").kernel.path],
+        _np_kernel_grad(x, w, b, select),
+        rtol=1e-4,
+        atol=1e-5,
     )
     if CACHES:
         assert _compiled.cache_size(model) == 1
@@ -86,21 +89,27 @@ def test_a_lambda_whose_captured_value_changed_is_not_reused(rng):
     w, b = (np.array(v) for v in model.get_weights())
     kgrad.clear_cache()
     for unit in (0, 1, 0):
-        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y[:, unit]))
+        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y[:, unit]))  # noqa: B023
         select = np.zeros((4, 2), "float32")
         select[:, unit] = 1
         np.testing.assert_allclose(
-            g[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+            g[model.get_layer("d").kernel.path],
+            _np_kernel_grad(x, w, b, select),
+            rtol=1e-4,
+            atol=1e-5,
         )
     if CACHES:
         assert _compiled.cache_size(model) == 2
     # A captured array cannot be keyed: the call runs eagerly, with the new values.
     for scale in (1.0, 3.0):
-        weights = np.array([scale, 0.0], "float32")
-        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y * weights))
-        select = np.tile(weights, (4, 1))
+        weights = ops.convert_to_tensor(np.array([scale, 0.0], "float32"))
+        g = np_(kgrad.grad(model, x, wrt="weights", target=lambda y: y * weights))  # noqa: B023
+        select = np.tile(np_(weights), (4, 1))
         np.testing.assert_allclose(
-            g[model.get_layer("d").kernel.path], _np_kernel_grad(x, w, b, select), rtol=1e-4, atol=1e-5
+            g[model.get_layer("d").kernel.path],
+            _np_kernel_grad(x, w, b, select),
+            rtol=1e-4,
+            atol=1e-5,
         )
 
 

@@ -201,7 +201,15 @@ def test_report_cli_end_to_end(tmp_path, rng):
     x = rng.normal(size=(4, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.zeros((4, 2), "float32"))
-    cmd = [sys.executable, "-m", "kgrad.cli", "report", path, "--inputs", str(tmp_path / "x.npy")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kgrad.tools.cli",
+        "report",
+        path,
+        "--inputs",
+        str(tmp_path / "x.npy"),
+    ]
     env = dict(os.environ)
     res = subprocess.run(
         [*cmd, "--targets", str(tmp_path / "y.npy"), "--loss", "mse", "--json"],

@@ -14,7 +14,7 @@ L = keras.layers
 def _kgrad(*args, **kwargs):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **kwargs)
     return subprocess.run(
-        [sys.executable, "-m", "kgrad.cli", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "kgrad.tools.cli", *args], capture_output=True, text=True, env=env
     )
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kgrad
-from kgrad import compare, demos
+from kgrad.tools import compare, demos
 
 
 def test_relative_differences_are_norm_wise_per_derivative():
@@ -54,7 +54,7 @@ def test_demo_models_build_and_cover_the_required_kinds(rng):
 
 
 def test_zoo_selection_and_matrix():
-    from kgrad import zoo
+    from kgrad.tools import zoo
 
     assert len(zoo.ARCHITECTURES) >= 20 and len(zoo.CI) >= 8
     assert compare.zoo_names("ci") == zoo.CI
@@ -82,7 +82,7 @@ def test_zoo_compute_on_a_multi_input_nested_model(tmp_path):
     """The zoo worker's results on a saved-and-reloaded model equal direct kgrad calls."""
     import keras
 
-    from kgrad import _worker, zoo
+    from kgrad.tools import _worker, zoo
 
     rng = np.random.default_rng(0)
     for name in ("multi_input", "nested_sequential"):

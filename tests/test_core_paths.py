@@ -99,3 +99,81 @@ def test_an_of_layer_that_never_runs_is_refused(rng):
     for wrt in ("inputs", "weights"):
         with pytest.raises(ValueError, match="was not called.*Received"):
             kgrad.grad(model, x, wrt=wrt, of="unused")
+
+
+def _centering_model():
+    # Each sample minus the batch mean: samples interact in inference mode too,
+    # and no layer type says so.
+    inp = keras.Input((3,))
+    centred = L.Lambda(lambda t: t - ops.mean(t, axis=0, keepdims=True), name="centre")(inp)
+    return keras.Model(inp, L.Dense(2, activation="tanh", name="o")(centred))
+
+
+def test_samples_that_interact_are_found_without_knowing_the_layer(rng):
+    model = _centering_model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    for call in (
+        lambda: kgrad.jacobian(model, x),
+        lambda: kgrad.jacobian(model, x, mode="fwd"),
+        lambda: kgrad.hessian(model, x, target=0),
+        lambda: kgrad.grad(model, x),
+    ):
+        with pytest.raises(ValueError, match="depends on the other samples.*Received: training"):
+            call()
+    # Well defined: the full Jacobian, a batch loss, weight gradients, one sample.
+    full = np_(kgrad.jacobian(model, x, per_sample=False))
+    assert full.shape == (4, 2, 4, 3)
+    assert np.abs(full[1, :, 0, :]).max() > 1e-3  # sample 0 moves sample 1's output
+    kgrad.grad(model, x, y=np.zeros((4, 2), "float32"), loss="mse")
+    kgrad.grad(model, x, wrt="weights")
+    np.testing.assert_allclose(np_(kgrad.jacobian(model, x[:1])), 0.0, atol=1e-7)
+
+
+def test_independent_samples_are_not_refused(rng):
+    # BatchNormalization in inference mode, LayerNormalization, attention over a
+    # sequence: each sample on its own.
+    inp = keras.Input((4, 3))
+    h = L.BatchNormalization(name="bn")(inp)
+    h = L.LayerNormalization(name="ln")(h)
+    h = L.MultiHeadAttention(num_heads=1, key_dim=2, name="att")(h, h)
+    model = keras.Model(inp, L.Dense(1, name="o")(L.Flatten()(h)))
+    x = rng.normal(size=(3, 4, 3)).astype("float32")
+    per_sample = np_(kgrad.jacobian(model, x))
+    one_by_one = np.concatenate([np_(kgrad.jacobian(model, x[i : i + 1])) for i in range(3)])
+    np.testing.assert_allclose(per_sample, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_interaction_inside_fit_is_refused(rng):
+    class Net(keras.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return ops.mean(kgrad.jacobian(self, x) ** 2)
+
+    inp = keras.Input((3,))
+    centred = L.Lambda(lambda t: t - ops.mean(t, axis=0, keepdims=True))(inp)
+    model = Net(inp, L.Dense(2)(centred))
+    model.compile(optimizer="sgd")
+    x = rng.normal(size=(4, 3)).astype("float32")
+    with pytest.raises(ValueError, match="depends on the other samples"):
+        model.fit(x, np.zeros((4, 2), "float32"), batch_size=4, epochs=1, verbose=0)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.func.vmap cannot map Keras's Conv2D")
+def test_a_loop_fallback_is_announced_once(rng):
+    import warnings
+
+    from kgrad.backends import _loop
+
+    _loop._warned.clear()
+    inp = keras.Input((4, 4, 2))  # two channels: torch's vmap fails on the channels-last clone
+    h = L.Conv2D(2, 3, activation="tanh", name="conv")(inp)
+    model = keras.Model(inp, L.Dense(1, name="o")(L.Flatten()(h)))
+    x = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = np_(kgrad.hessian(model, x, target=0))
+        kgrad.hessian(model, x, target=0)
+    loops = [w for w in caught if "one at a time" in str(w.message)]
+    assert len(loops) == 1, [str(w.message) for w in caught]
+    # The loop gives the numbers of a one-sample-at-a-time computation.
+    alone = np.concatenate([np_(kgrad.hessian(model, x[i : i + 1], target=0)) for i in range(2)])
+    np.testing.assert_allclose(first, alone, rtol=1e-5, atol=1e-6)

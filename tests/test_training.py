@@ -120,14 +120,6 @@ def test_fit_differentiates_through_every_model_level_function(name, norm, jit_c
     x = rng.uniform(-1, 1, size=(8, 3)).astype("float32")
     model(x)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), jit_compile=jit_compile)
-    if BACKEND == "torch" and jit_compile and name == "jacobian_fwd":
-        # Keras's `jit_compile=True` on torch is `torch.compile` of the train
-        # step; with a forward-mode Jacobian in the loss its inductor backward
-        # fails (docs/training.md). A fixed torch makes this check fail, which
-        # flags the note for removal.
-        with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
-            model.fit(x, np.zeros((8, 2), "float32"), batch_size=8, epochs=1, verbose=0)
-        return
     expected = _central_differences(model, loss_fn, x)
     before = [np.array(w) for w in model.get_weights()]
     model.fit(x, np.zeros((8, 2), "float32"), batch_size=8, epochs=1, shuffle=False, verbose=0)

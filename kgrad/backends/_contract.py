@@ -13,6 +13,7 @@ and ``has_aux=True`` means ``f`` returns ``(value, aux)``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -39,10 +40,48 @@ def _not_in_graph() -> bool:
     return False
 
 
-#: Defaults of the optional hooks (see :class:`Backend`).
+def _call(f: Callable, arrays: dict) -> Any:
+    return f()
+
+
+def _concrete(x: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(x)
+
+
+def _batched_map(fn: Callable, stacked: Any) -> Any:
+    from kgrad import func
+
+    return func.vmap(fn)(stacked)
+
+
+def _cannot_vmap(err: Exception) -> bool:
+    return False
+
+
+def _no_seed(model: Any) -> None:
+    return None
+
+
+def _seeded(seed: int | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+#: Defaults of the optional hooks (see :class:`Hooks`).
 DEFAULTS = {
     "compile_call": _no_compile,
     "inside_graph": _not_in_graph,
+    "eager_call": _call,
+    "concrete": _concrete,
+    "eager_scope": contextlib.nullcontext,
+    "no_grad": contextlib.nullcontext,
+    "batched_map": _batched_map,
+    "cannot_vmap": _cannot_vmap,
+    "call_seed": _no_seed,
+    "seeded": _seeded,
+    "hvp_mode": "fwd",
+    "per_sample_hessian_mode": "fwd",
 }
 
 
@@ -90,8 +129,13 @@ class Backend(Protocol):
     def jit(self, f: Callable):
         """Returns ``f`` compiled where the framework gains from it, else ``f`` itself."""
 
-    # ------------------------------------------------------------------ hooks
-    # Optional members: a backend that lacks one gets the default in DEFAULTS.
+
+class Hooks(Protocol):
+    """Optional members of a backend module; one that lacks one gets its default.
+
+    ``kgrad.backends.hook(name)`` returns the active backend's member or the
+    default in :data:`DEFAULTS`.
+    """
 
     def compile_call(self, f: Callable) -> Callable | None:
         """Compiles a model-level call ``f(state, arrays)`` for kgrad's cache.
@@ -103,3 +147,45 @@ class Backend(Protocol):
 
     def inside_graph(self) -> bool:
         """Whether a graph is being built around the call (then kgrad runs inline)."""
+
+    def eager_call(self, f: Callable, arrays: dict) -> Any:
+        """Runs an uncompiled model-level call ``f()`` whose inputs are ``arrays``.
+
+        The place for what the framework needs around it (PyTorch: no graph for
+        results nobody will differentiate, see ``kgrad._recording``).
+        """
+
+    def concrete(self, x: Any) -> Any:
+        """``x`` as a NumPy array, or ``None`` when it is traced (symbolic)."""
+
+    def eager_scope(self) -> contextlib.AbstractContextManager:
+        """A context in which ops on concrete values run eagerly, also while tracing."""
+
+    def no_grad(self) -> contextlib.AbstractContextManager:
+        """A context in which nothing records a graph (values only)."""
+
+    def batched_map(self, fn: Callable, stacked: Any) -> Any:
+        """``vmap(fn)(stacked)`` over directions (Jacobian rows or columns) of one function.
+
+        Random ops draw the same values for every direction, as in the
+        unmapped forward pass; a backend may loop where it cannot vectorise.
+        """
+
+    def cannot_vmap(self, err: Exception) -> bool:
+        """Whether ``err`` says the backend cannot vectorise the model (then kgrad loops)."""
+
+    def call_seed(self, model: Any) -> int | None:
+        """A seed for the random ops of one kgrad call with ``training=True``, or None.
+
+        For backends whose layers draw from a global generator rather than the
+        model's seed states; see ``seeded``.
+        """
+
+    def seeded(self, seed: int | None) -> contextlib.AbstractContextManager:
+        """A context in which every forward pass starts its random draws from ``seed``."""
+
+    hvp_mode: str
+    """``"fwd"`` (forward over reverse) or ``"rev"`` (reverse over reverse) for ``hvp``."""
+
+    per_sample_hessian_mode: str
+    """``"fwd"`` (columns, forward over reverse) or ``"rev"`` (rows) for per-sample Hessians."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 name = "jax"
 
@@ -28,3 +29,15 @@ jit = jax.jit
 def compile_call(f):
     """``jax.jit``: every variable value is an argument, so results never go stale."""
     return jax.jit(f)
+
+
+def concrete(x):
+    """``x`` as NumPy, or ``None`` for a tracer."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def eager_scope():
+    """Ops on concrete values run at once, also inside a ``jax.jit`` trace."""
+    return jax.ensure_compile_time_eval()

@@ -13,6 +13,7 @@ import functools
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 name = "tensorflow"
@@ -334,10 +335,13 @@ def _map(fn, elems):
     """``tf.vectorized_map`` where pfor can convert ``fn``; otherwise a loop."""
     try:
         return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
-    except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
+    except (ValueError, NotImplementedError, TypeError, tf.errors.OpError) as err:
         n = tree.flatten(elems)[0].shape[0]
         if n is None:
             raise
+        from kgrad.backends._loop import warn_loop
+
+        warn_loop(f"tf.vectorized_map failed ({type(err).__name__})", n)
         results = [fn(tree.map_structure(lambda e, i=i: e[i], elems)) for i in range(n)]
         return tree.map_structure(lambda *r: tf.stack(r), *results)
 
@@ -450,3 +454,38 @@ def inside_graph() -> bool:
     ``tf.function`` like any other op.
     """
     return not tf.executing_eagerly()
+
+
+def concrete(x):
+    """``x`` as NumPy, or ``None`` for a symbolic (graph) tensor."""
+    if isinstance(x, tf.Tensor) and not hasattr(x, "numpy"):
+        return None
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def eager_scope():
+    """Lifts out of a graph being built (``tf.init_scope``) into eager execution."""
+    return tf.init_scope()
+
+
+# Reverse over reverse for Hessian-vector products and per-sample Hessians: a
+# ForwardAccumulator around a tape cannot follow Keras's LSTM/GRU inside a
+# graph, and is slow in graphs and pathological under XLA (about 1.5 s per
+# PINN train step against 15 ms for nested tapes).
+hvp_mode = "rev"
+per_sample_hessian_mode = "rev"
+
+# This many directions or fewer are mapped with an unrolled loop: pfor's set-up
+# costs more than a few tape pulls, and under XLA pfor's while-loop fallback is
+# very slow (1.5 s against 10 ms per PINN train step).
+UNROLL = 8
+
+
+def batched_map(fn, stacked):
+    """A loop for a few directions, ``tf.vectorized_map`` for more."""
+    from kgrad.backends._loop import loop_map
+
+    n = tree.flatten(stacked)[0].shape[0]
+    if n is not None and n <= UNROLL:
+        return loop_map(fn, stacked)
+    return vmap(fn)(stacked)

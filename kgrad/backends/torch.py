@@ -11,6 +11,7 @@ import functools
 import threading
 
 import keras
+import numpy as np
 import torch
 import torch.func as tf_func
 
@@ -75,11 +76,14 @@ def grad(f, argnums=0, has_aux=False):
 
 
 def _math_attention():
-    """Routes ``scaled_dot_product_attention`` to its math kernel.
+    """A context manager routing ``scaled_dot_product_attention`` to its math kernel.
 
     The fused CPU/GPU attention kernels have no forward-mode derivative
     ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"),
     so forward-mode transforms run attention as plain differentiable ops.
+    torch's ``sdpa_kernel`` sets process-wide flags on enter and restores the
+    flags it saw on exit, without counting, so it is entered only by
+    :func:`transform_kernels`, once for all the transforms running at a time.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -103,46 +107,90 @@ def _composite_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1
     return out
 
 
-_norm_lock = threading.Lock()
-_norm_depth = 0
+# State of `transform_kernels`, guarded by `_kernels_lock`: how many transforms
+# run on the swapped kernels now (in every thread), the entered `sdpa_kernel`
+# context (it holds the attention flags from before the first enter), and the
+# `layer_norm` the first enter replaced.
+_kernels_lock = threading.Lock()
+_kernels_depth = 0
+_attention_context = None
 _fused_layer_norm = None
 
 
 @contextlib.contextmanager
-def _composite_norms():
-    """Runs ``layer_norm`` as elementary ops while a transform records its graph.
+def transform_kernels():
+    """Kernels whose derivatives compose: math attention, composite layer norm.
 
-    torch 2.13's fused ``layer_norm`` has wrong derivatives of its derivatives
-    where a transform maps or pushes forward through it: differentiating its
-    ``jvp`` (``grad`` of ``jvp``), or the weight gradient of a ``vmap``-ed
-    backward with respect to the norm's input, treats the saved mean and
-    inverse standard deviation as constants (reproduction in
+    **Attention.** See :func:`_math_attention`: attention runs on the math
+    kernel, which every transform can differentiate.
+
+    **Layer norm.** torch 2.13's fused ``layer_norm`` has wrong derivatives of
+    its derivatives where a transform maps or pushes forward through it:
+    differentiating its ``jvp`` (``grad`` of ``jvp``), or the weight gradient
+    of a ``vmap``-ed backward with respect to the norm's input, treats the
+    saved mean and inverse standard deviation as constants (reproduction in
     docs/backends.md). Keras's ``LayerNormalization`` calls the fused kernel
-    through the module attribute, so swapping the attribute reaches it. The
-    swap is reference-counted (nested and concurrent transforms); another
-    thread calling ``layer_norm`` meanwhile gets the same values.
+    through the module attribute, so swapping the attribute for
+    :func:`_composite_layer_norm` reaches it.
+
+    Both switches are process-wide (torch's attention flags are global, and so
+    is the module attribute), so they are made together and reference-counted
+    under one lock: the first transform to enter (in any thread) saves the
+    attention flags and ``layer_norm`` and switches; nested and concurrent
+    transforms only count; the last one to leave, also by an exception,
+    restores both. Meanwhile another thread calling attention or ``layer_norm``
+    outside a transform gets the same values, to float rounding, from the math
+    and composite kernels.
     """
-    global _norm_depth, _fused_layer_norm
+    global _kernels_depth, _attention_context, _fused_layer_norm
     functional = torch.nn.functional
-    with _norm_lock:
-        if _norm_depth == 0:
+    with _kernels_lock:
+        if _kernels_depth == 0:
+            attention = _math_attention()
+            attention.__enter__()  # restores the flags itself if switching fails
+            _attention_context = attention
             _fused_layer_norm = functional.layer_norm
             functional.layer_norm = _composite_layer_norm
-        _norm_depth += 1
+        _kernels_depth += 1
     try:
         yield
     finally:
-        with _norm_lock:
-            _norm_depth -= 1
-            if _norm_depth == 0:
+        with _kernels_lock:
+            _kernels_depth -= 1
+            if _kernels_depth == 0:
                 functional.layer_norm = _fused_layer_norm
+                attention, _attention_context, _fused_layer_norm = _attention_context, None, None
+                attention.__exit__(None, None, None)
 
 
-@contextlib.contextmanager
-def transform_kernels():
-    """Kernels whose derivatives compose: math attention, composite layer norm."""
-    with _math_attention(), _composite_norms():
-        yield
+# torch's forward-mode AD keeps its state per process, not per thread: the
+# dual level (`torch.autograd.forward_ad._current_level` and the C++ list of
+# levels) and `torch._functorch.eager_transforms.JVP_NESTING`, by which
+# `torch.func.jvp` decides whether to open a level or join an enclosing one.
+# A `jvp` in a second thread then joins the first thread's level, which the
+# first thread deletes when it finishes ("Trying to access a forward AD level
+# with an invalid index"), or finds none ("Trying to create a dual Tensor for
+# forward AD but no level exists"). kgrad's forward-mode transforms therefore
+# run one thread at a time. The lock is re-entrant: nested transforms in one
+# thread (`jacfwd` of `jvp`, a Hessian) take it again.
+_forward_ad_lock = threading.RLock()
+
+
+def _forward_mode(transform):
+    """Wraps ``transform(*args)``'s result so each call holds ``_forward_ad_lock``."""
+
+    @functools.wraps(transform)
+    def make(f, *args, **kwargs):
+        inner = transform(f, *args, **kwargs)
+
+        @functools.wraps(f)
+        def wrapped(*call_args, **call_kwargs):
+            with _forward_ad_lock:
+                return inner(*call_args, **call_kwargs)
+
+        return wrapped
+
+    return make
 
 
 def _with_transform_kernels(transform):
@@ -163,8 +211,14 @@ def _with_transform_kernels(transform):
 
 
 def jvp(f, primals, tangents, has_aux=False):
-    """``torch.func.jvp``, on kernels whose derivatives compose (see ``transform_kernels``)."""
-    with transform_kernels():
+    """``torch.func.jvp``, on kernels whose derivatives compose (see ``transform_kernels``).
+
+    Runs one thread at a time (torch's forward-mode state is per process, see
+    ``_forward_ad_lock``); so does any ``vmap`` of a function calling it, for
+    the duration of each ``jvp``. Reverse-mode transforms in other threads
+    run meanwhile.
+    """
+    with _forward_ad_lock, transform_kernels():
         return tf_func.jvp(f, primals, tangents, has_aux=has_aux)
 
 
@@ -174,8 +228,11 @@ def vjp(f, *primals, has_aux=False):
         return tf_func.vjp(f, *primals, has_aux=has_aux)
 
 
-jacfwd = _with_transform_kernels(tf_func.jacfwd)
-jacfwd.__doc__ = "``torch.func.jacfwd`` on kernels whose derivatives compose."
+jacfwd = _forward_mode(_with_transform_kernels(tf_func.jacfwd))
+jacfwd.__doc__ = (
+    "``torch.func.jacfwd`` on kernels whose derivatives compose; one thread at a time "
+    "(torch's forward-mode state is per process, see ``_forward_ad_lock``)."
+)
 jacrev = _with_transform_kernels(tf_func.jacrev)
 jacrev.__doc__ = "``torch.func.jacrev`` on kernels whose derivatives compose."
 
@@ -206,7 +263,11 @@ def value_and_grad(f, argnums=0, has_aux=False):
 
 
 def vmap(f, in_axes=0, out_axes=0):
-    """``torch.func.vmap``; random ops draw independently per example, as JAX keys would."""
+    """``torch.func.vmap``; random ops draw independently per example, as JAX keys would.
+
+    A ``jvp`` (or ``jacfwd``) inside the mapped function holds the forward-mode
+    lock while it runs (see ``_forward_ad_lock``), the rest of the map does not.
+    """
     if isinstance(in_axes, list):
         in_axes = tuple(in_axes)
     if isinstance(out_axes, list):
@@ -226,11 +287,15 @@ def hessian(f, argnums=0):
     The inner derivative is ``grad``, not ``jacrev``: for a scalar ``f`` it is
     one backward pass instead of a mapped one, and its derivatives are right
     even on torch 2.13's fused layer norm, whose mapped backward differentiates
-    wrongly (see :func:`_composite_norms`, which also guards ``jacrev``).
+    wrongly (see :func:`transform_kernels`, which also guards ``jacrev``).
 
     ``torch.func.jacfwd`` maps the forward pass with ``vmap``, which fails inside
     Keras's Conv2D ("Tensor.clone(memory_format) inside vmap"). Reverse over
     reverse maps only backward passes, which work; the Hessian is the same.
+
+    Forward over reverse runs one thread at a time, as ``jacfwd`` does (torch's
+    forward-mode state is per process, see ``_forward_ad_lock``); reverse over
+    reverse does not need to.
     """
     fwd = jacfwd(tf_func.grad(f, argnums=argnums), argnums=argnums)
     rev = jacrev(tf_func.grad(f, argnums=argnums), argnums=argnums)
@@ -254,3 +319,116 @@ def jit(f):
     layers, so it is used only by kgrad's own model-level paths where measured.
     """
     return f
+
+
+def eager_call(f, arrays):
+    """Runs a model-level call; see :mod:`kgrad._recording` for when it keeps a graph.
+
+    Inside ``torch.compile`` (Keras's ``jit_compile=True``), kgrad's part of the
+    step runs eagerly: ``torch.compile`` miscompiles some forward-mode
+    ``torch.func`` code ("ZeroTensors are immutable"); autograd still flows
+    through it, and the rest of the step stays compiled.
+    """
+    from kgrad import _recording
+
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(f, recursive=True)()
+    record = torch.is_grad_enabled() and (
+        _recording.requested()
+        or any(isinstance(t, torch.Tensor) and t.requires_grad for t in keras.tree.flatten(arrays))
+        or torch._C._functorch.maybe_current_level() is not None
+        or _recording.in_training_step()
+    )
+    if record:
+        return f()
+    with torch.no_grad():
+        out = f()
+    return keras.tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+
+
+def concrete(x):
+    """``x`` as NumPy, or ``None`` inside a ``torch.func`` transform (a wrapped tensor)."""
+    if isinstance(x, torch.Tensor):
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return None
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@contextlib.contextmanager
+def eager_scope():
+    """Plain tensors and no graph, also inside a ``torch.func`` transform."""
+    with torch._C._DisableFuncTorch(), torch.no_grad():
+        yield
+
+
+def no_grad():
+    """``torch.no_grad()``: values without a graph."""
+    return torch.no_grad()
+
+
+def cannot_vmap(err: Exception) -> bool:
+    """torch's ``vmap`` fails inside some Keras layers (Conv2D's channels-last clone)."""
+    return isinstance(err, RuntimeError) and "vmap" in str(err)
+
+
+def batched_map(fn, stacked):
+    """``torch.func.vmap`` over directions, on the transform kernels; a loop where it fails.
+
+    The mapped axis runs over directions (Jacobian rows or columns) of one
+    function, so random ops (Dropout with ``training=True``) draw the same
+    values for every direction, as in the unmapped forward pass.
+    """
+    from kgrad.backends._loop import loop_map, warn_loop
+
+    try:
+        with transform_kernels():
+            return tf_func.vmap(fn, randomness="same")(stacked)
+    except RuntimeError as err:
+        if not cannot_vmap(err):
+            raise
+        n = keras.tree.flatten(stacked)[0].shape[0]
+        warn_loop(f"torch.func.vmap cannot vectorise this model ({str(err).splitlines()[0]})", n)
+        return loop_map(fn, stacked)
+
+
+def call_seed(model) -> int:
+    """A seed determined by the model's random state, read without advancing it.
+
+    Keras's unseeded Dropout on PyTorch draws from torch's global generator,
+    not from the layer's seed state (which then never changes), so the global
+    generator's state is part of the seed: whatever advances the random state
+    (a training-mode forward pass, ``fit``'s step, a user's draw) gives kgrad
+    a new mask, as the seed states do on JAX and TensorFlow, while repeated
+    kgrad calls in between see the same one.
+    """
+    values = [
+        int(n)
+        for v in model.variables
+        if "seed_generator" in v.path
+        for n in keras.ops.convert_to_numpy(v.value).ravel()
+    ]
+    with _rng_lock:  # not while another thread's `seeded` holds its re-seeded state
+        global_state = hash(torch.random.get_rng_state().numpy().tobytes())
+    return hash((tuple(values), global_state)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_rng_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Starts every forward pass of a kgrad call from the same random state.
+
+    Re-seeding a forked generator makes every forward pass of one call (value,
+    gradient, each Jacobian column, each finite difference) draw the same
+    Dropout mask. The global generator is restored afterwards; forward passes
+    that re-seed it run one thread at a time.
+    """
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with _rng_lock, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,6 +1,6 @@
 """Computes kgrad's derivatives of saved models under one backend (``kgrad compare``).
 
-Run as ``KERAS_BACKEND=<name> python -m kgrad._worker JOBS.json``; each job names
+Run as ``KERAS_BACKEND=<name> python -m kgrad.tools._worker JOBS.json``; each job names
 a ``.keras`` model, ``.npy`` inputs (and targets) and an ``.npz`` to write.
 """
 
@@ -63,7 +63,7 @@ def _add_layer_grads(out: dict, model, x, y, loss) -> None:
 def compute_zoo(model, x, y, target, activations=(), loss="mse", layer_grad=False):
     """The zoo's derivatives: saliency, Grad-CAM-style activation gradients, loss weight
     gradients and (optionally) ``layer_grad``, as flat NumPy arrays keyed by name."""
-    from kgrad import zoo
+    from kgrad.tools import zoo
 
     out: dict[str, np.ndarray] = {}
     target = tuple(target) if isinstance(target, list) else target
@@ -90,7 +90,7 @@ def _load_x(path: str):
 
 
 def main(argv: list[str]) -> int:
-    from kgrad import zoo  # noqa: F401 (registers the zoo's custom layers and models)
+    from kgrad.tools import zoo  # noqa: F401 (registers the zoo's custom layers and models)
 
     with open(argv[0]) as fh:
         jobs = json.load(fh)

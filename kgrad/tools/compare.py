@@ -83,7 +83,7 @@ def _save_job(name, build, folder, **fields) -> dict:
 
 
 def _save_demos(names, folder):
-    from kgrad import demos
+    from kgrad.tools import demos
 
     return [
         _save_job(
@@ -108,7 +108,7 @@ def _save_x(x, path_stem: str) -> str:
 
 def zoo_names(selection: str) -> tuple[str, ...]:
     """Architectures for ``--zoo``: ``ci``, ``full``, or comma-separated names."""
-    from kgrad import zoo
+    from kgrad.tools import zoo
 
     if selection == "ci":
         return zoo.CI
@@ -125,7 +125,7 @@ def zoo_names(selection: str) -> tuple[str, ...]:
 
 
 def _save_zoo(names, folder):
-    from kgrad import zoo
+    from kgrad.tools import zoo
 
     return [_save_job(n, zoo.ARCHITECTURES[n], folder, zoo=lambda e: e) for n in names]
 
@@ -185,7 +185,7 @@ def run(jobs, backends, folder, log=print, progress=True):
         # stderr goes to a file: frameworks log a lot there, and a full pipe would block.
         with tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kgrad._worker", spec],
+                [sys.executable, "-m", "kgrad.tools._worker", spec],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -256,9 +256,9 @@ def main(
     """Runs the comparison and prints it; returns the exit code (1 past tolerance).
 
     ``zoo`` (``"ci"``, ``"full"`` or comma-separated names) compares the
-    architecture zoo (``kgrad.zoo``) instead of the demo models.
+    architecture zoo (``kgrad.tools.zoo``) instead of the demo models.
     """
-    from kgrad import demos
+    from kgrad.tools import demos
 
     backends = backends or installed_backends()
     missing = [b for b in backends if b not in BACKENDS]

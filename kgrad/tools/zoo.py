@@ -20,7 +20,7 @@ attention, Embedding, U-Net, multi-input, nested and subclassed models.
 
 Example:
 
->>> from kgrad import zoo
+>>> from kgrad.tools import zoo
 >>> len(zoo.ARCHITECTURES) >= 20, set(zoo.CI) <= set(zoo.ARCHITECTURES)
 (True, True)
 """

@@ -38,7 +38,7 @@ per-round ratios kgrad/native are reported. Expensive cases run fewer rounds
 
 Usage (only the active Keras backend is measured)::
 
-    KERAS_BACKEND=jax python -m kgrad.bench --quick
+    KERAS_BACKEND=jax python -m kgrad.tools.bench --quick
     KERAS_BACKEND=torch kgrad bench --json
 
 ``benchmarks/run.py`` runs all three backends, one process each, and prints
@@ -689,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         2 for an unsupported backend or a bad ``--repeats``.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m kgrad.bench",
+        prog="python -m kgrad.tools.bench",
         description="Times kgrad against hand-written native code on the active Keras backend.",
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 5 rounds")

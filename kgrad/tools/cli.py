@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Example:
 
-    >>> from kgrad.cli import main
+    >>> from kgrad.tools.cli import main
     >>> main(["--version"])  # doctest: +ELLIPSIS
     kgrad 0.1.0 (keras ..., backend ...)
     0
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "compare":
-        from kgrad import compare
+        from kgrad.tools import compare
 
         backends = args.backends.split(",") if args.backends else None
         try:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kgrad report: {err}", file=sys.stderr)
             return 2
     if args.command == "bench":
-        from kgrad import bench
+        from kgrad.tools import bench
 
         argv_bench = ["--quick"] * args.quick + ["--json"] * args.json
         if args.repeats is not None:
