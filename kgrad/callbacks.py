@@ -26,9 +26,8 @@ class GradientMonitor(keras.callbacks.Callback):
             model was compiled with). Without ``y``, the sum of the outputs.
         every: record every this many epochs.
         log_dir: if given, also write the norms as TensorBoard scalars
-            (``grad_norm/<layer>/...``) there. This imports TensorFlow's
-            ``tf.summary``, so it needs ``tensorflow`` and ``tensorboard``
-            installed (whatever the Keras backend).
+            (``grad_norm/<layer>/...``) there. It needs the ``tensorboard``
+            package, never TensorFlow itself.
         loss: a Keras loss to use instead of the compiled one.
         **report_kwargs: passed on to :func:`kgrad.grad_report` (``layers``,
             ``exploding``, ``vanishing``, ...).
@@ -68,17 +67,17 @@ class GradientMonitor(keras.callbacks.Callback):
         self._writer = None
         if log_dir is not None:
             try:
-                import tensorboard  # noqa: F401  (tf.summary needs it)
-                import tensorflow as tf
+                import tensorboard  # noqa: F401
             except ImportError as err:
                 raise ImportError(
-                    "GradientMonitor(log_dir=...) writes TensorBoard summaries with "
-                    f"TensorFlow's tf.summary, which needs tensorflow and tensorboard. "
-                    f"Received: log_dir={log_dir!r} ({err}). Install them with "
-                    "`pip install tensorflow-cpu tensorboard`, or leave log_dir=None "
+                    "GradientMonitor(log_dir=...) writes TensorBoard event files, which "
+                    f"needs the tensorboard package. Received: log_dir={log_dir!r} ({err}). "
+                    "Install it with `pip install tensorboard`, or leave log_dir=None "
                     "and use to_csv / to_json."
                 ) from err
-            self._writer = tf.summary.create_file_writer(str(log_dir))
+            from kgrad._tensorboard import ScalarWriter
+
+            self._writer = ScalarWriter(str(log_dir))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if (epoch + 1) % self.every:
@@ -89,13 +88,10 @@ class GradientMonitor(keras.callbacks.Callback):
             self._write_tensorboard(epoch, rep)
 
     def _write_tensorboard(self, epoch: int, rep: _report.GradReport) -> None:
-        import tensorflow as tf
-
-        with self._writer.as_default():
-            for row in self.rows(rep):
-                for key in ("activation_norm", "output_grad_norm", "weight_grad_norm"):
-                    if row[key] is not None:
-                        tf.summary.scalar(f"grad_norm/{row['layer']}/{key}", row[key], step=epoch)
+        for row in self.rows(rep):
+            for key in ("activation_norm", "output_grad_norm", "weight_grad_norm"):
+                if row[key] is not None:
+                    self._writer.scalar(f"grad_norm/{row['layer']}/{key}", row[key], step=epoch)
         self._writer.flush()
 
     @staticmethod

@@ -230,3 +230,29 @@ def test_report_cli_end_to_end(tmp_path, rng):
         [*cmd, "--targets", str(tmp_path / "y.npy")], capture_output=True, text=True, env=env
     )
     assert res.returncode == 2 and "--loss" in res.stderr
+
+
+def test_gradient_monitor_writes_tensorboard_scalars_without_tensorflow(tmp_path):
+    # A fresh process under the active backend: only TensorFlow's own backend
+    # may import it. The scalars read back with tensorboard's event reader.
+    code = (
+        "import sys, keras, numpy as np, kgrad\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name='d')])\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "x, y = np.ones((4, 3), 'float32'), np.zeros((4, 2), 'float32')\n"
+        f"mon = kgrad.callbacks.GradientMonitor(x, y, log_dir={str(tmp_path)!r})\n"
+        "m.fit(x, y, epochs=2, verbose=0, callbacks=[mon])\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = proc.stdout.strip().splitlines()[-1] == "True"
+    assert imported == (keras.backend.backend() == "tensorflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "grad_norm/d/weight_grad_norm" in tags
+    assert [e.step for e in acc.Scalars("grad_norm/d/weight_grad_norm")] == [0, 1]
