@@ -147,6 +147,7 @@ def _combine(fname, options, results, scales):
                 output=_concat([g.output for g in grads], ones),
                 output_grad=None if og[0] is None else _concat(og, scales),
                 weight_grads=_sum([g.weight_grads for g in grads], scales),
+                weight_paths=first.weight_paths,
             )
         return out
     kinds, single = _engine._normalize_wrt(options["wrt"], fname)

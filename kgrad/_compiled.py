@@ -236,6 +236,7 @@ def call(
         return _batches.run(
             fname, lambda a: call(fname, body, model, a, options, finish), model, arrays, options
         )
+    _engine.check_x(arrays.get("x"), fname, isinstance(model, keras.layers.Layer))
     backend = _backends.load()
     arrays = {
         k: None if v is None else tree.map_structure(backend.convert, v) for k, v in arrays.items()

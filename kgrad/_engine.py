@@ -227,6 +227,25 @@ def _sum_all(out):
     return sum(ops.sum(leaf) for leaf in tree.flatten(out))
 
 
+def check_x(x, fname: str, is_keras: bool = True) -> None:
+    """Raises for ``x=None`` and, for Keras models, for nested Python lists of numbers."""
+    if x is None:
+        raise ValueError(
+            f"`kgrad.{fname}` needs the inputs `x`. Received: x=None. Pass a batch "
+            f"(a NumPy array or a backend tensor; a list or dict of them for a "
+            f"multi-input model)."
+        )
+    if is_keras and isinstance(x, (list, tuple)):
+        numbers = [leaf for leaf in tree.flatten(x) if isinstance(leaf, (int, float, bool))]
+        if numbers:
+            raise ValueError(
+                f"`x` is a Python list of numbers, which kgrad would read as "
+                f"{len(tree.flatten(x))} separate inputs: a list stands for the inputs of "
+                f"a multi-input model. Received: x of type {type(x).__name__} holding "
+                f"Python numbers. Pass an array instead: `np.asarray(x, dtype='float32')`."
+            )
+
+
 def _check_inputs(model, x, fname):
     leaves = tree.flatten(x)
     if not leaves:
@@ -379,6 +398,7 @@ def prepare(
             )
     else:
         _model.check_built(model)
+    check_x(x, fname, is_keras)
     x = tree.map_structure(backend.convert, x)
     if y is not None:
         y = tree.map_structure(backend.convert, y)

@@ -141,7 +141,18 @@ def _hessian(req: _engine.Request, arrays, options):
     return _result(req, per_kind)
 
 
-def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, training=False):
+def hvp(
+    model,
+    x,
+    vector,
+    *,
+    wrt="weights",
+    layers=None,
+    target=None,
+    y=None,
+    loss=None,
+    training=False,
+):
     """Returns the Hessian-vector product of the scalar objective.
 
     Args:
@@ -153,6 +164,9 @@ def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, trai
             name for activations.
         wrt: ``"weights"`` (default), ``"inputs"`` or ``"activations"``.
         layers, y, loss, training: as for :func:`grad`.
+        target: without a loss, the objective is the sum of these outputs (an
+            int or tuple index into each sample's output, or a callable), as
+            for :func:`hessian`.
 
     Returns:
         ``H @ vector``, structured like ``vector``. Never forms ``H``.
@@ -169,7 +183,7 @@ def hvp(model, x, vector, *, wrt="weights", layers=None, y=None, loss=None, trai
     """
     if not isinstance(wrt, str):
         raise ValueError(f"`kgrad.hvp` takes one `wrt` kind. Received: wrt={wrt!r}.")
-    options = dict(wrt=wrt, layers=layers, loss=loss, training=training)
+    options = dict(wrt=wrt, layers=layers, target=target, loss=loss, training=training)
     # `jax.jit` and `jax.jvp` sort dict keys: give the result the vector's key order.
     return _compiled.call(
         "hvp",

@@ -153,6 +153,8 @@ class LayerGrad:
             layer that did not run).
         weight_grads: short weight name (``"kernel"``; ``"dense/kernel"`` inside a
             nested model) -> gradient; empty for weightless layers.
+        weight_paths: the same short names -> the full ``variable.path``, the
+            keys of ``kgrad.grad(wrt="weights")``, so the two can be joined.
 
     Example:
 
@@ -161,6 +163,8 @@ class LayerGrad:
     >>> lg = kgrad.layer_grad(model, np.ones((3, 2), "float32"))["d"]
     >>> lg.index, sorted(lg.weight_grads)
     (0, ['bias', 'kernel'])
+    >>> lg.weight_paths["kernel"] == model.get_layer("d").kernel.path
+    True
     """
 
     name: str
@@ -168,6 +172,7 @@ class LayerGrad:
     output: Any
     output_grad: Any
     weight_grads: dict
+    weight_paths: dict = dataclasses.field(default_factory=dict)
 
 
 def _short_name(layer, variable) -> str:
@@ -246,6 +251,15 @@ def _layer_grad(req: _engine.Request, arrays, options):
 def _layer_grads(model, raw) -> dict[str, LayerGrad]:
     top = list(model.layers)
     names = {_engine._layers.key(model, layer): i for i, layer in enumerate(top)}
+
+    def paths(name, wgrads):
+        layer = _engine._layers.resolve_one(model, name, "layers")
+        return {
+            short: v.path
+            for v in layer.trainable_variables
+            if (short := _short_name(layer, v)) in wgrads
+        }
+
     return {
         name: LayerGrad(
             name=name,
@@ -253,6 +267,7 @@ def _layer_grads(model, raw) -> dict[str, LayerGrad]:
             output=output,
             output_grad=output_grad,
             weight_grads=dict(wgrads),
+            weight_paths=paths(name, wgrads),
         )
         for name, (output, output_grad, wgrads) in raw.items()
     }

@@ -72,7 +72,8 @@ class GradientMonitor(keras.callbacks.Callback):
                 raise ImportError(
                     "GradientMonitor(log_dir=...) writes TensorBoard event files, which "
                     f"needs the tensorboard package. Received: log_dir={log_dir!r} ({err}). "
-                    "Install it with `pip install tensorboard`, or leave log_dir=None "
+                    "Install it with `pip install kgrad[viz]` (or `pip install tensorboard`), "
+                    "or leave log_dir=None "
                     "and use to_csv / to_json."
                 ) from err
             from kgrad._tensorboard import ScalarWriter

@@ -1,0 +1,71 @@
+"""What a new user trips over: messages for common slips, hvp's target, joinable keys."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import np_
+
+import kgrad
+
+ops = keras.ops
+
+
+def _model():
+    inp = keras.Input((3,))
+    h = keras.layers.Dense(4, activation="tanh", name="h")(inp)
+    return keras.Model(inp, keras.layers.Dense(2, activation="tanh", name="o")(h))
+
+
+@pytest.mark.parametrize("fname", ["grad", "jacobian", "hessian", "layer_grad"])
+def test_x_none_gets_one_kgrad_error(fname):
+    with pytest.raises(ValueError, match=r"needs the inputs `x`. Received: x=None"):
+        getattr(kgrad, fname)(_model(), None)
+
+
+def test_a_list_of_lists_suggests_an_array(rng):
+    x = rng.normal(size=(4, 3)).astype("float32").tolist()
+    with pytest.raises(ValueError, match=r"Python list of numbers.*np.asarray"):
+        kgrad.grad(_model(), x)
+    with pytest.raises(ValueError, match=r"np.asarray"):
+        kgrad.jacobian(_model(), x)
+
+
+def test_hvp_takes_a_target_like_hessian(rng):
+    # Reference: central differences of the gradient of the selected output.
+    model = _model()
+    x = rng.normal(size=(3, 3)).astype("float32")
+    v = {
+        p: rng.normal(size=w.shape).astype("float32")
+        for p, w in kgrad.func.weights_of(model).items()
+    }
+    hv = np_(kgrad.hvp(model, x, v, target=1))
+    base = [np.array(w) for w in model.get_weights()]
+    paths = [w.path for w in model.trainable_variables]
+    eps = 1e-2
+
+    def gradient_at(sign):
+        model.set_weights([b + sign * eps * v[p] for b, p in zip(base, paths)])
+        return np_(kgrad.grad(model, x, wrt="weights", target=1))
+
+    plus, minus = gradient_at(1), gradient_at(-1)
+    model.set_weights(base)
+    for p in paths:
+        fd = (plus[p] - minus[p]) / (2 * eps)
+        # float32 gradients differenced with eps=1e-2: about 1e-3 of the largest entry.
+        np.testing.assert_allclose(hv[p], fd, atol=2e-3 * max(1.0, np.abs(fd).max()))
+    # Without a target, the sum of every output: a different product.
+    assert not np.allclose(np_(kgrad.hvp(model, x, v))[paths[0]], hv[paths[0]])
+
+
+def test_layer_grad_weight_paths_join_grad_keys(rng):
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="h"), keras.layers.Dense(1, name="o")],
+        name="net",
+    )
+    x = rng.normal(size=(5, 3)).astype("float32")
+    report = kgrad.layer_grad(model, x)
+    by_path = np_(kgrad.grad(model, x, wrt="weights"))
+    for lg in report.values():
+        assert set(lg.weight_paths) == set(lg.weight_grads)
+        for short, path in lg.weight_paths.items():
+            np.testing.assert_allclose(np_(lg.weight_grads[short]), by_path[path], rtol=1e-6)
