@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_framework_logs() -> None:
+    """Quiets TensorFlow's start-up logs unless the user chose a level.
+
+    The command line controls the import order: this runs before Keras (and so
+    TensorFlow) is imported, which is when TensorFlow reads the variable.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kgrad`` console script.
 
@@ -58,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     0
     """
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _quiet_framework_logs()
     if args.version or args.command is None:
         import keras
 
