@@ -9,8 +9,8 @@ runs ``pytest -p no:cacheprovider PYTEST ARGS`` once with each of
 ``KERAS_BACKEND=jax``, ``tensorflow`` and ``torch`` and, with ``--cross``, the
 cross env's commands (``kgrad compare``, then ``kgrad compare --zoo``). Options
 are read up to the first argument that is not one of them; the rest goes to
-pytest. Up to N parts (default: the number of CPUs) run at a time, in the order
-above (the longest first). Each part's output goes to a file (in DIR, default a
+pytest. Up to N parts (default: the number of CPUs) run at a time, started in
+the order above. Each part's output goes to a file (in DIR, default a
 temporary folder) and is printed whole when the part ends. The exit status is 1
 when any part fails; pytest's exit status 5 (no tests collected) is a failure.
 """
@@ -30,7 +30,8 @@ BACKENDS = ("jax", "tensorflow", "torch")
 # The cross env's commands (tox.ini), run one after the other.
 CROSS = (["kgrad", "compare"], ["kgrad", "compare", "--zoo"])
 HEARTBEAT_S = 300  # a line saying what still runs, this often
-EXIT_MEANING = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+# pytest's exit statuses other than 0 (all passed) and 1 (some failed).
+PYTEST_EXIT = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
 
 
 def _executable(name: str) -> str:
@@ -128,7 +129,7 @@ class Part:
         seconds = f"{self.ended - self.started:.0f} s"
         if self.code == 0:
             return f"ok ({seconds})"
-        meaning = EXIT_MEANING.get(self.code, "")
+        meaning = PYTEST_EXIT.get(self.code, "") if self.name in BACKENDS else ""
         return f"FAILED (exit {self.code}{': ' + meaning if meaning else ''}, {seconds})"
 
 
@@ -175,8 +176,7 @@ def main(argv: list[str]) -> int:
                 running.remove(part)
                 _print_log(part)
             if running and time.monotonic() - last_beat >= HEARTBEAT_S:
-                last_beat = time.monotonic()
-                now = time.monotonic()
+                now = last_beat = time.monotonic()
                 still = ", ".join(f"{p.name} ({now - p.started:.0f} s)" for p in running)
                 print(f"parallel.py: still running: {still}", flush=True)
             time.sleep(0.5)
