@@ -21,6 +21,7 @@ import numpy as np
 
 from kgrad import _errors, _model
 from kgrad import backends as _backends
+from kgrad._func_checks import _checked_output, _convert_tree, _differentiate
 
 __all__ = [
     "grad",
@@ -38,60 +39,6 @@ __all__ = [
 
 tree = keras.tree
 Argnums = int | tuple[int, ...]
-
-
-def _convert_tree(x: Any, backend) -> Any:
-    return tree.map_structure(backend.convert, x)
-
-
-def _checked_output(f: Callable, fname: str, has_aux: bool, scalar: bool) -> Callable:
-    """Wraps ``f`` so that a bad output structure fails with a clear error."""
-
-    @functools.wraps(f)
-    def checked(*args, **kwargs):
-        out = f(*args, **kwargs)
-        value = out
-        if has_aux:
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise ValueError(
-                    f"With `has_aux=True`, the function given to `kgrad.func.{fname}` must "
-                    f"return a pair `(output, aux)`. Received: an output of type "
-                    f"{type(out).__name__}. Return `(output, aux)` or set `has_aux=False`."
-                )
-            value = out[0]
-        if scalar:
-            _errors.check_scalar(value, fname)
-        return out
-
-    return checked
-
-
-def _differentiate(
-    fname: str, f: Callable, argnums: Argnums, has_aux: bool, scalar: bool, make=None
-):
-    """Builds the transform ``fname`` of the active backend around checks and conversion.
-
-    ``make(checked_f)`` builds the transform; by default the backend's ``fname``.
-    """
-    _errors.check_callable(f, fname)
-    nums = _errors.check_argnums(argnums, fname)
-    backend = _backends.load()
-    checked_f = _checked_output(f, fname, has_aux, scalar)
-    if make is None:
-        transformed = getattr(backend, fname)(checked_f, argnums=argnums, has_aux=has_aux)
-    else:
-        transformed = make(checked_f)
-
-    @functools.wraps(f)
-    def call(*args, **kwargs):
-        _errors.check_args_for_argnums(args, nums, fname)
-        args = list(args)
-        for n in nums:
-            args[n] = _convert_tree(args[n], backend)
-            _errors.check_float_leaves(tree.flatten(args[n]), f"func.{fname}")
-        return transformed(*args, **kwargs)
-
-    return call
 
 
 def grad(f: Callable, argnums: Argnums = 0, has_aux: bool = False) -> Callable:

@@ -45,6 +45,23 @@ def _run(code, backend):
     )
 
 
+# The prefix of each backend's private helper modules in kgrad/backends/.
+HELPER_PREFIX = {"jax": "_jax_", "tensorflow": "_tf_", "torch": "_torch_"}
+
+
+def test_helper_modules_are_named_after_their_backend():
+    """Every private module in kgrad/backends/ is shared or names its backend."""
+    import kgrad.backends
+
+    folder = os.path.dirname(kgrad.backends.__file__)
+    shared = {"__init__", "_contract", "_loop"}
+    for file in os.listdir(folder):
+        stem, ext = os.path.splitext(file)
+        if ext != ".py" or stem in shared or stem in HELPER_PREFIX:
+            continue
+        assert any(stem.startswith(p) for p in HELPER_PREFIX.values()), file
+
+
 # Keras 3.15 itself imports jax whenever it is installed (keras/src/callbacks/
 # orbax_checkpoint.py does `import jax` at import time), so the reference is what
 # `import keras` alone loads: kgrad must add no framework beyond the active one.
@@ -75,7 +92,11 @@ def test_kgrad_never_imports_another_framework(use):
     assert proc.returncode == 0, proc.stderr
     after_keras, after_kgrad, kgrad_backends = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(after_kgrad) <= set(after_keras) | {FRAMEWORKS[active]}, after_kgrad
-    assert set(kgrad_backends) <= {f"kgrad.backends.{active}", "kgrad.backends._contract"}
+    # A backend is one module plus private helpers named after it
+    # (`kgrad.backends._torch_kernels`); `_contract` and `_loop` are shared.
+    allowed = {f"kgrad.backends.{active}", "kgrad.backends._contract", "kgrad.backends._loop"}
+    prefix = f"kgrad.backends.{HELPER_PREFIX[active]}"
+    assert {m for m in kgrad_backends if not m.startswith(prefix)} <= allowed, kgrad_backends
 
 
 def test_numpy_backend_gives_a_clear_error():

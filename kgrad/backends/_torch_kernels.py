@@ -1,0 +1,144 @@
+"""The kernel swaps of kgrad's PyTorch backend, reference-counted in one place.
+
+torch's fused attention has no forward-mode derivative and torch 2.13's fused
+layer norm differentiates its own derivatives wrongly, so kgrad's transforms
+run both on kernels whose derivatives compose (:func:`transform_kernels`).
+torch's forward-mode AD state is per process, so forward-mode transforms run
+one thread at a time (:data:`_forward_ad_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+
+def _math_attention():
+    """A context manager routing ``scaled_dot_product_attention`` to its math kernel.
+
+    The fused CPU/GPU attention kernels have no forward-mode derivative
+    ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"),
+    so forward-mode transforms run attention as plain differentiable ops.
+    torch's ``sdpa_kernel`` sets process-wide flags on enter and restores the
+    flags it saw on exit, without counting, so it is entered only by
+    :func:`transform_kernels`, once for all the transforms running at a time.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _composite_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm`` written with elementary ops.
+
+    Same values as the fused kernel (to float rounding); its derivatives of
+    every order come from the elementary ops' own formulas.
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dim=dims, keepdim=True)
+    centered = input - mean
+    out = centered * torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+# State of `transform_kernels`, guarded by `_kernels_lock`: how many transforms
+# run on the swapped kernels now (in every thread), the entered `sdpa_kernel`
+# context (it holds the attention flags from before the first enter), and the
+# `layer_norm` the first enter replaced.
+_kernels_lock = threading.Lock()
+_kernels_depth = 0
+_attention_context = None
+_fused_layer_norm = None
+
+
+@contextlib.contextmanager
+def transform_kernels():
+    """Kernels whose derivatives compose: math attention, composite layer norm.
+
+    **Attention.** See :func:`_math_attention`: attention runs on the math
+    kernel, which every transform can differentiate.
+
+    **Layer norm.** torch 2.13's fused ``layer_norm`` has wrong derivatives of
+    its derivatives where a transform maps or pushes forward through it:
+    differentiating its ``jvp`` (``grad`` of ``jvp``), or the weight gradient
+    of a ``vmap``-ed backward with respect to the norm's input, treats the
+    saved mean and inverse standard deviation as constants (reproduction in
+    docs/backends.md). Keras's ``LayerNormalization`` calls the fused kernel
+    through the module attribute, so swapping the attribute for
+    :func:`_composite_layer_norm` reaches it.
+
+    Both switches are process-wide (torch's attention flags are global, and so
+    is the module attribute), so they are made together and reference-counted
+    under one lock: the first transform to enter (in any thread) saves the
+    attention flags and ``layer_norm`` and switches; nested and concurrent
+    transforms only count; the last one to leave, also by an exception,
+    restores both. Meanwhile another thread calling attention or ``layer_norm``
+    outside a transform gets the same values, to float rounding, from the math
+    and composite kernels.
+    """
+    global _kernels_depth, _attention_context, _fused_layer_norm
+    functional = torch.nn.functional
+    with _kernels_lock:
+        if _kernels_depth == 0:
+            attention = _math_attention()
+            attention.__enter__()  # restores the flags itself if switching fails
+            _attention_context = attention
+            _fused_layer_norm = functional.layer_norm
+            functional.layer_norm = _composite_layer_norm
+        _kernels_depth += 1
+    try:
+        yield
+    finally:
+        with _kernels_lock:
+            _kernels_depth -= 1
+            if _kernels_depth == 0:
+                functional.layer_norm = _fused_layer_norm
+                attention, _attention_context, _fused_layer_norm = _attention_context, None, None
+                attention.__exit__(None, None, None)
+
+
+# torch's forward-mode AD keeps its state per process, not per thread: the
+# dual level (`torch.autograd.forward_ad._current_level` and the C++ list of
+# levels) and `torch._functorch.eager_transforms.JVP_NESTING`, by which
+# `torch.func.jvp` decides whether to open a level or join an enclosing one.
+# A `jvp` in a second thread then joins the first thread's level, which the
+# first thread deletes when it finishes ("Trying to access a forward AD level
+# with an invalid index"), or finds none ("Trying to create a dual Tensor for
+# forward AD but no level exists"). kgrad's forward-mode transforms therefore
+# run one thread at a time. The lock is re-entrant: nested transforms in one
+# thread (`jacfwd` of `jvp`, a Hessian) take it again.
+_forward_ad_lock = threading.RLock()
+
+
+def _each_call_under(context):
+    """Makes a wrapper of transforms: each call of ``transform(*args)``'s result runs
+    inside ``context()``."""
+
+    def wrap(transform):
+        @functools.wraps(transform)
+        def make(f, *args, **kwargs):
+            inner = transform(f, *args, **kwargs)
+
+            @functools.wraps(f)
+            def wrapped(*call_args, **call_kwargs):
+                with context():
+                    return inner(*call_args, **call_kwargs)
+
+            return wrapped
+
+        return make
+
+    return wrap
+
+
+#: Wraps ``transform(*args)``'s result so each call holds ``_forward_ad_lock``.
+_forward_mode = _each_call_under(lambda: _forward_ad_lock)
+#: Wraps ``transform(*args)``'s result so each call runs under :func:`transform_kernels`.
+_with_transform_kernels = _each_call_under(transform_kernels)
