@@ -1,19 +1,28 @@
 """``check_grad``: kgrad's gradients against central finite differences.
 
-The objective is exactly the one :func:`kgrad.grad` differentiates (the loss,
-or the sum of the ``target``-selected outputs), evaluated with every entry of
-``wrt`` moved by ``+h`` and ``-h`` in turn.
+The gradient checked is what :func:`kgrad.grad` returns for the same arguments
+(the same compiled, cached function a user's call runs). The objective is
+exactly the one it differentiates (the loss, or the sum of the
+``target``-selected outputs), evaluated with every entry of ``wrt`` moved by
+``+h`` and ``-h`` in turn.
+
+Steps and tolerances follow the precision the backend actually computes at,
+which is not always the dtype: Keras runs some float64 operations (``ops.mean``,
+layer normalisation) at float32 on some backends. For float64 values this is
+measured once per model and request (``_measured_precision``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 
 import keras
 import numpy as np
 
-from kgrad import _engine, _errors, func
+from kgrad import _engine, _errors, api
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -42,6 +51,11 @@ class GradCheck:
         worst: the entry furthest outside the tolerance, as text.
         checked: how many entries were checked; ``total``: how many there are.
         eps, rtol, atol: the step and tolerances used.
+        precision: the floating-point precision the steps and default
+            tolerances were chosen for: the dtype of the checked values, or
+            ``"float32"`` for float64 values when the objective is measured to
+            be computed at float32 precision (Keras runs some float64
+            operations at float32 on some backends).
 
     Example:
 
@@ -50,6 +64,8 @@ class GradCheck:
     >>> result = kgrad.check_grad(model, np.ones((1, 2), "float32"))
     >>> result.ok, result.checked, result.total
     (True, 2, 2)
+    >>> result.precision
+    'float32'
     """
 
     max_abs_err: float
@@ -61,13 +77,15 @@ class GradCheck:
     eps: float
     rtol: float
     atol: float
+    precision: str = "float32"
 
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAILED"
         return (
             f"GradCheck {status}: max_abs_err={self.max_abs_err:.3g}, "
             f"max_rel_err={self.max_rel_err:.3g} over {self.checked} of {self.total} entries "
-            f"(eps={self.eps:g}, rtol={self.rtol:g}, atol={self.atol:.3g}); worst: {self.worst}"
+            f"(eps={self.eps:g}, rtol={self.rtol:g}, atol={self.atol:.3g}, {self.precision} "
+            f"precision); worst: {self.worst}"
         )
 
 
@@ -104,12 +122,20 @@ def check_grad(
     """Checks kgrad's gradient against central finite differences.
 
     Every entry ``i`` of ``wrt`` gets ``(f(v + h e_i) - f(v - h e_i)) / 2h``,
-    with ``h = eps * max(1, |v_i|)``. Defaults by dtype (``eps``, ``rtol``):
-    float64 ``1e-6, 1e-5``; float32 ``5e-3, 1e-2``; float16 ``1e-1, 1e-1``.
+    with ``h = eps * max(1, |v_i|)``, against what :func:`kgrad.grad` returns
+    for the same arguments. Defaults by precision (``eps``, ``rtol``): float64
+    ``1e-6, 1e-5``; float32 ``5e-3, 1e-2``; float16 ``1e-1, 1e-1``. The
+    precision is the dtype of the values, except for float64 values whose
+    objective is computed at float32 precision: Keras runs some float64
+    operations (``ops.mean``, so the MSE loss; layer normalisation) at float32
+    on PyTorch, and JAX without x64 holds float64 arrays as float32. For
+    float64 values kgrad measures this once per model and request, without
+    using the gradient: the objective's rounding noise, from fourth differences
+    along three seeded random lines (relative step ``1e-5``), must stay below
+    ``1e-11`` of its value for float64 precision to be assumed; otherwise
+    float32 is. ``GradCheck.precision`` says which precision was assumed.
     The default ``atol`` is ``rtol / 10`` times the largest difference quotient plus
     the rounding noise of the objective, ``10 * machine_eps * |f| / h``.
-    Keras computes in float32 on JAX and torch even for float64 inputs, so
-    float32 defaults usually apply.
 
     Args:
         model, x, wrt, layers, of, target, y, loss, training: as for
@@ -146,23 +172,11 @@ def check_grad(
         raise ValueError(
             f"`max_entries` must be a positive int. Received: max_entries={max_entries!r}."
         )
-    from kgrad.api import _objective_check
-
-    req = _engine.prepare(
-        "check_grad",
-        model,
-        x,
-        wrt=wrt,
-        layers=layers,
-        of=of,
-        target=target,
-        y=y,
-        loss=loss,
-        training=training,
-    )
-    _objective_check(req)
+    options = dict(wrt=wrt, layers=layers, of=of, target=target, y=y, loss=loss, training=training)
+    req = _engine.prepare("check_grad", model, x, **options)
+    # The gradient a user gets: kgrad.grad itself, compiled and cached as usual.
+    analytic = _per_kind(req, api.grad(model, x, **options))
     args = req.args()
-    analytic = func.grad(req.objective)(args)
     names, values, grads, counts = [], [], [], []
     for kind in req.wrt:
         names.extend(_leaf_names(kind, args[kind]))
@@ -170,27 +184,34 @@ def check_grad(
         values.extend(leaves)
         counts.append(len(leaves))
         grads.extend(tree.flatten(analytic[kind]))
+
+    def objective_of(flat) -> float:
+        new_args, start = {}, 0
+        for kind, n in zip(req.wrt, counts):
+            new_args[kind] = tree.pack_sequence_as(args[kind], flat[start : start + n])
+            start += n
+        return float(keras.ops.convert_to_numpy(req.objective(new_args)))
+
     dtype = _errors.dtype_name(values[0])
-    d_eps, d_rtol = _DEFAULTS.get(dtype, _DEFAULTS["float32"])
+    grads_np = [np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float64) for g in grads]
+    values_np = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
+    precision = _measured_precision(
+        req, dtype, objective_of, values_np, (layers, of, target, loss, training)
+    )
+    d_eps, d_rtol = _DEFAULTS.get(precision, _DEFAULTS["float32"])
     eps = d_eps if eps is None else float(eps)
     rtol = d_rtol if rtol is None else float(rtol)
-    machine_eps = float(np.finfo(np.float16 if "16" in dtype else dtype).eps)
+    machine_eps = float(np.finfo(np.float16 if "16" in precision else precision).eps)
 
     with _no_grad():
         f0 = float(keras.ops.convert_to_numpy(req.objective(args)))
-    grads_np = [np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float64) for g in grads]
-    values_np = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
     entries = _choose_entries(grads_np, max_entries, seed)
     total = sum(g.size for g in grads_np)
 
     def objective_with(leaf: int, new_value) -> float:
         flat = list(values)
         flat[leaf] = keras.ops.convert_to_tensor(new_value, dtype=_errors.dtype_name(values[leaf]))
-        new_args, start = {}, 0
-        for kind, n in zip(req.wrt, counts):
-            new_args[kind] = tree.pack_sequence_as(args[kind], flat[start : start + n])
-            start += n
-        return float(keras.ops.convert_to_numpy(req.objective(new_args)))
+        return objective_of(flat)
 
     auto, fd, steps, where = [], [], [], []
     with _no_grad():
@@ -234,6 +255,7 @@ def check_grad(
         eps=eps,
         rtol=rtol,
         atol=atol,
+        precision=precision,
     )
     if raise_on_fail and not ok:
         reason = "a NaN or Inf" if nonfinite.any() or math.isnan(f0) else "a mismatch"
@@ -261,3 +283,96 @@ def _choose_entries(grads: list[np.ndarray], max_entries: int, seed: int) -> lis
         for j in np.concatenate([top, extra]).astype(int):
             chosen.append((i, tuple(int(k) for k in np.unravel_index(j, g.shape))))
     return chosen
+
+
+def _per_kind(req: _engine.Request, result) -> dict:
+    """``kgrad.grad``'s result as ``{kind: structure}``, like ``req.args()``."""
+    results = (result,) if req.single_wrt else tuple(result)
+    out = dict(zip(req.wrt, results))
+    if "activations" in out and req.single_layer:
+        out["activations"] = {req.act_names[0]: out["activations"]}
+    return out
+
+
+# The precision probe: the objective at five points on a line through the values,
+# ``v + k * step * max(1, |v|) * s`` for k = -2..2 and a seeded random direction
+# ``s``, in a few directions. The fourth difference of five values cancels every
+# term of the objective's Taylor series up to the cubic one, so what is left is
+# rounding noise (truncation is about step^4 = 1e-20 of the objective's scale).
+# The step is above float32 resolution, so a perturbation survives a cast to
+# float32 on the way. Float64 computation leaves noise of about 1e-15 of |f|,
+# float32 computation about 1e-7; the threshold lies between with margins of
+# 1e4 on both sides.
+_PROBE_STEP = 1e-5
+_PROBE_DIRECTIONS = 3
+_PROBE_NOISE = 1e-11
+# Norm of the fourth difference's coefficients (1, -4, 6, -4, 1).
+_FOURTH = math.sqrt(70.0)
+
+_precision_lock = threading.Lock()
+_precision_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _key(value):
+    """A hashable stand-in for the options (objects by identity), or raises TypeError."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_key, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _key(v)) for k, v in value.items()))
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return (type(value).__name__, value)
+    hash(value)  # arrays raise TypeError: the verdict is then not cached
+    return ("object", id(value), value)
+
+
+def _measured_precision(req, dtype, objective_of, values_np, options) -> str:
+    """The precision the objective is computed at, for float64 values; else ``dtype``.
+
+    Measures the objective's rounding noise with fourth differences along a few
+    seeded random lines (see ``_PROBE_STEP``); the gradient is not used, so a
+    wrong gradient cannot loosen the tolerances it is checked with. The verdict
+    is cached per model and request (``wrt``, dtype and the other options).
+    """
+    if dtype != "float64":
+        return dtype
+    try:
+        key = (tuple(req.wrt), dtype, req.y is not None, _key(options))
+        with _precision_lock:
+            cached = _precision_cache.get(req.model, {}).get(key)
+    except TypeError:  # an unhashable option, or a model that cannot be weakly referenced
+        key, cached = None, None
+    if cached is not None:
+        return cached
+    rng = np.random.default_rng(0)
+    noise, seen = 0.0, []
+    with _no_grad():
+        center = objective_of([keras.ops.convert_to_tensor(v, dtype=dtype) for v in values_np])
+        for _ in range(_PROBE_DIRECTIONS):
+            steps = [
+                _PROBE_STEP * np.maximum(1.0, np.abs(v)) * rng.standard_normal(v.shape)
+                for v in values_np
+            ]
+            f = {0: center}
+            for k in (-2, -1, 1, 2):
+                f[k] = objective_of(
+                    [
+                        keras.ops.convert_to_tensor(v + k * d, dtype=dtype)
+                        for v, d in zip(values_np, steps)
+                    ]
+                )
+            fourth = f[-2] - 4 * f[-1] + 6 * f[0] - 4 * f[1] + f[2]
+            noise = max(noise, abs(fourth) / _FOURTH)
+            seen.extend(f.values())
+    scale = max(map(abs, seen))
+    if not (math.isfinite(noise) and math.isfinite(scale)):
+        return dtype  # NaN or Inf: the check itself reports it
+    # Every value a float32 number: the objective was rounded to float32 at the end.
+    rounded = scale > 0 and all(float(np.float32(v)) == v for v in seen)
+    precision = "float32" if rounded or noise > _PROBE_NOISE * scale else dtype
+    if key is not None:
+        try:
+            with _precision_lock:
+                _precision_cache.setdefault(req.model, {})[key] = precision
+        except TypeError:
+            pass
+    return precision

@@ -20,7 +20,7 @@ L = keras.layers
 ops = keras.ops
 
 
-def _square_layer(factor):
+def _square_layer(factor, dtype=None):
     """x -> x**2 with a custom gradient ``factor * x * upstream`` (2 is right)."""
 
     @ops.custom_gradient
@@ -36,7 +36,7 @@ def _square_layer(factor):
         def call(self, x):
             return square(x)
 
-    return Square(name="square")
+    return Square(name="square", dtype=dtype)
 
 
 def _mlp(extra=None):
@@ -94,6 +94,97 @@ def test_check_grad_samples_large_tensors_and_reports_nan(rng):
         kgrad.check_grad(nan_model, -np.ones((1, 2), "float32"), raise_on_fail=True)
     with pytest.raises(ValueError, match="max_entries"):
         kgrad.check_grad(model, x, max_entries=0)
+
+
+def _float64_model():
+    return keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            L.Dense(4, activation="tanh", dtype="float64", name="h"),
+            L.LayerNormalization(dtype="float64", name="norm"),
+            L.Dense(2, dtype="float64", name="o"),
+        ],
+        name="f64",
+    )
+
+
+def _numpy_forward(model, x):
+    """The float64 model's forward pass in NumPy float64 (LayerNorm: epsilon 1e-3)."""
+    (w1, b1), (gamma, beta), (w2, b2) = (
+        [np_(v).astype("float64") for v in model.get_layer(n).weights] for n in "h norm o".split()
+    )
+    h = np.tanh(x @ w1 + b1)
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    return ((h - mean) / np.sqrt(var + 1e-3) * gamma + beta) @ w2 + b2
+
+
+@pytest.mark.parametrize("with_loss", [False, True], ids=["outputs", "mse"])
+@pytest.mark.parametrize("wrt", ["inputs", "weights"])
+def test_check_grad_float64_follows_the_precision_the_backend_computes_at(wrt, with_loss, rng):
+    """A float64 model passes, with steps and tolerances for the precision actually computed.
+
+    Which precision that is comes from an independent measurement: the model's
+    forward pass against NumPy in float64 (TensorFlow computes in float64;
+    PyTorch runs Keras's mean and layer normalisation at float32; JAX without
+    x64 holds float64 as float32).
+    """
+    model = _float64_model()
+    x = rng.normal(size=(5, 3))
+    y = rng.normal(size=(5, 2))
+    reference = _numpy_forward(model, x)
+    error = np.max(np.abs(np_(model(x)).astype("float64") - reference)) / np.max(np.abs(reference))
+    expected = "float64" if error < 1e-12 else "float32"
+    kwargs = dict(y=y, loss="mse") if with_loss else {}
+    result = kgrad.check_grad(model, x, wrt=wrt, **kwargs)
+    assert result.ok, str(result)
+    assert result.precision == expected, (error, str(result))
+    assert f"{expected} precision" in str(result)
+    assert (result.eps, result.rtol) == ((1e-6, 1e-5) if expected == "float64" else (5e-3, 1e-2))
+
+
+def test_check_grad_float64_keeps_float64_sensitivity_where_computed_in_float64(rng):
+    """Where the backend computes in float64, a gradient 1e-4 off is still caught.
+
+    The precision is measured from the objective alone, so the wrong gradient
+    cannot loosen the tolerances it is checked with.
+    """
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            L.Dense(2, dtype="float64", name="d"),
+            _square_layer(2.0002, "float64"),  # d(x^2)/dx = 2x, here 1.0001 times that
+            L.Dense(1, dtype="float64", name="o"),
+        ]
+    )
+    x = rng.normal(size=(4, 3))
+    (w1, b1), (w2, b2) = ([np_(v) for v in model.get_layer(n).weights] for n in "do")
+    reference = (x @ w1 + b1) ** 2 @ w2 + b2
+    if np.max(np.abs(np_(model(x)) - reference)) > 1e-12 * np.max(np.abs(reference)):
+        pytest.skip("this backend computes the float64 model at float32 precision")
+    result = kgrad.check_grad(model, x, wrt="weights", layers="d")
+    assert result.precision == "float64" and not result.ok, str(result)
+    np.testing.assert_allclose(result.max_rel_err, 1e-4, rtol=1e-2)
+
+
+def test_check_grad_checks_the_function_kgrad_grad_runs(rng, monkeypatch):
+    """check_grad's gradient is kgrad.grad's: a fault in the function grad runs is caught."""
+    model = _mlp()
+    x = rng.normal(size=(3, 3)).astype("float32")
+    assert kgrad.check_grad(model, x, wrt="weights").ok
+    original = kgrad.api._grad
+
+    def faulty(*args, **kwargs):
+        return keras.tree.map_structure(lambda t: t * 1.5, original(*args, **kwargs))
+
+    monkeypatch.setattr(kgrad.api, "_grad", faulty)
+    kgrad.clear_cache()
+    wrong = np_(kgrad.grad(model, x, wrt="weights")["net/b/bias"])
+    result = kgrad.check_grad(model, x, wrt="weights")
+    assert not result.ok
+    # kgrad.grad is 3/2 of the truth, so the relative error is 1/3.
+    np.testing.assert_allclose(result.max_rel_err, 1 / 3, rtol=1e-2)
+    # The bias of the last layer has the closed form: the batch size, per output.
+    np.testing.assert_allclose(wrong, 1.5 * np.full(2, 3.0), rtol=1e-6)
 
 
 def test_grad_report_matches_hand_derived_norms(rng):
