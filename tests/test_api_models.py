@@ -115,6 +115,13 @@ def test_layer_families(family, rng):
     # Weights: each weight's directional derivative by central differences.
     g = kgrad.grad(model, x, wrt="weights")
     assert list(g) == [v.path for v in model.trainable_variables]
+    report = kgrad.layer_grad(model, x)
+    weight_grads = {
+        path: report[name].weight_grads[short]
+        for name in report
+        for short, path in report[name].weight_paths.items()
+    }
+    assert sorted(weight_grads) == sorted(g)
     f = lambda: float(np.sum(np_(model(x)).astype("float64")))
     for v in model.trainable_variables:
         w = np_(v.value).copy()
@@ -125,13 +132,41 @@ def test_layer_families(family, rng):
         f_minus = f()
         v.assign(w)
         fd = (f_plus - f_minus) / (2 * eps)
-        analytic = float(np.sum(np_(g[v.path]) * d))
-        np.testing.assert_allclose(
-            analytic, fd, rtol=2e-3, atol=2e-3 * (1 + abs(fd)), err_msg=v.path
-        )
-    # Every layer reports, weightless ones included.
-    report = kgrad.layer_grad(model, x)
+        for what, grads in (("grad", g), ("layer_grad", weight_grads)):
+            analytic = float(np.sum(np_(grads[v.path]) * d))
+            np.testing.assert_allclose(
+                analytic, fd, rtol=2e-3, atol=2e-3 * (1 + abs(fd)), err_msg=f"{what} {v.path}"
+            )
+    check_layer_grad_outputs(model, x, report, rng, eps)
+
+
+def check_layer_grad_outputs(model, x, report, rng, eps):
+    """Every layer reports, weightless ones included, with its output and output gradient.
+
+    Each layer's ``output`` equals a sub-model ``Model(model.inputs[0], layer.output)``;
+    its ``output_grad`` is checked by the chain rule along a random input direction
+    ``u``: ``d/dt sum(model(x + t u)) = <output_grad, d/dt layer_output(x + t u)>``,
+    both sides by central differences of forward passes.
+    """
     assert list(report) == [layer.name for layer in model.layers]
+    assert [report[layer.name].index for layer in model.layers] == list(range(len(model.layers)))
+    u = rng.normal(size=x.shape).astype("float32")
+    x64 = x.astype("float64")
+    f = lambda z: float(np.sum(np_(model(z.astype("float32"))).astype("float64")))  # noqa: E731
+    df = (f(x64 + eps * u) - f(x64 - eps * u)) / (2 * eps)
+    for layer in model.layers:
+        sub = keras.Model(model.inputs[0], layer.output)
+        out = np_(sub(x)).astype("float64")
+        entry = report[layer.name]
+        np.testing.assert_allclose(np_(entry.output), out, rtol=1e-5, atol=1e-6, err_msg=layer.name)
+        d_out = (
+            np_(sub((x64 + eps * u).astype("float32"))).astype("float64")
+            - np_(sub((x64 - eps * u).astype("float32"))).astype("float64")
+        ) / (2 * eps)
+        chain = float(np.sum(np_(entry.output_grad).astype("float64") * d_out))
+        np.testing.assert_allclose(
+            chain, df, rtol=2e-3, atol=2e-3 * (1 + abs(df)), err_msg=f"output_grad {layer.name}"
+        )
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit_compile=True", "jit_compile=False"])

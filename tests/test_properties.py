@@ -12,14 +12,16 @@ Properties, on the backend Keras runs on:
   differences of the model's forward pass (compiled default path);
 - per-sample results (input Jacobians, weight Jacobians, input gradients and
   input Hessians of one target) agree with a loop over batches of one sample;
-- ``kgrad.hessian`` agrees with ``kgrad.func.jacfwd(kgrad.func.jacrev(f))`` for
-  ``f`` built on the model (of its inputs, or of some weights through
-  ``kgrad.func.functional_call``);
-- ``kgrad.hvp`` agrees with the dense weight Hessian times the vector.
+- ``kgrad.hessian`` agrees with the backend's own nested derivatives
+  (``jax.hessian``, nested gradient tapes, torch's double backward; see
+  ``tests/native.py``) of ``f`` built on the model (of its inputs, or of one
+  layer's weights through ``model.stateless_call``);
+- ``kgrad.hvp`` agrees with the backend's own reverse-over-reverse product.
 
 The number of examples is fixed and derandomized, so CI runs the same examples
-every time: 200 per backend in total, about 9 minutes for JAX (it compiles
-each new model, the slowest), 7 for TensorFlow and 2 for torch on a 2-core CPU.
+every time: 200 per backend in total, about 400 s of CPU time each for JAX and
+TensorFlow and 50 s for torch. Most of it is first calls: JAX compiles every
+model-level call of each new model, TensorFlow converts graphs with pfor.
 Set ``KGRAD_HYPOTHESIS_EXAMPLES`` to another total
 (``KGRAD_HYPOTHESIS_EXAMPLES=2000``) for a longer search; it is split between
 the properties in the same proportions (tox passes ``KGRAD_*`` variables
@@ -29,10 +31,13 @@ through).
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import math
 import os
 
 import keras
+import native
 import numpy as np
 import pytest
 from helpers import np_
@@ -40,7 +45,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kgrad
-from kgrad import func
 
 L = keras.layers
 ops = keras.ops
@@ -48,6 +52,12 @@ ops = keras.ops
 TOTAL_EXAMPLES = int(os.environ.get("KGRAD_HYPOTHESIS_EXAMPLES", "200"))
 # Share of the examples each property gets (sums to 1).
 SHARES = {"fd": 0.25, "per_sample": 0.30, "hessian": 0.225, "hvp": 0.225}
+# The path model-level calls take here: the cheaper one for these small models.
+# Compiled on JAX, whose eager transforms dispatch every operation on its own (2 to
+# 6 times the cost of compiling with jax.jit); eager on TensorFlow, where tracing a
+# tf.function costs more than one eager call; torch always runs eagerly. A quarter
+# of the Hessian and hvp examples draw the other path.
+JIT = keras.backend.backend() == "jax"
 
 settings.register_profile(
     "kgrad",
@@ -55,8 +65,7 @@ settings.register_profile(
     database=None,
     deadline=None,  # building and compiling a model takes a variable time
     print_blob=True,
-    # `eager` (a function-scoped fixture) only sets a flag, valid for every example.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
@@ -164,16 +173,23 @@ def model_specs(draw, max_inputs=2, lstm=True):
 # ------------------------------------------------------------- model building
 
 
+# `_seed_weights` overwrites every weight, so layers start from zeros: Keras's random
+# initializers compile a program per weight shape on JAX (most of a model's build time).
+ZEROS = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
+
+
 def _layer(block):
     kind = block[0]
     if kind == "dense":
-        return L.Dense(block[1], activation=block[2])
+        return L.Dense(block[1], activation=block[2], **ZEROS)
     if kind == "conv1d":
-        return L.Conv1D(block[1], block[2], padding=block[3], activation=block[4])
+        return L.Conv1D(block[1], block[2], padding=block[3], activation=block[4], **ZEROS)
     if kind == "layernorm":
         return L.LayerNormalization()
     if kind in ("lstm", "lstm_seq"):
-        return L.LSTM(block[1], return_sequences=kind == "lstm_seq")
+        return L.LSTM(
+            block[1], return_sequences=kind == "lstm_seq", recurrent_initializer="zeros", **ZEROS
+        )
     if kind == "flatten":
         return L.Flatten()
     if kind == "pool":
@@ -199,9 +215,18 @@ def _seed_weights(model, seed):
         v.assign(value.astype("float32"))
 
 
+# `build` runs a full garbage collection every GC_EVERY models (bounded memory).
+GC_EVERY = 16
+_builds = itertools.count(1)
+
+
 def build(spec):
     """The Keras model of a spec, weights seeded by ``spec["seed"]``."""
-    keras.backend.clear_session()  # per example: fresh names, bounded memory
+    # Per example: fresh names. Its garbage collection takes about 0.2 s with three
+    # frameworks loaded, so that runs every GC_EVERY models only.
+    keras.backend.clear_session(free_memory=False)
+    if next(_builds) % GC_EVERY == 0:
+        gc.collect()
     if spec["sequential"]:
         (branch,) = spec["branches"]
         model = keras.Sequential(
@@ -342,15 +367,6 @@ def fd_weight_direction(model, xs, direction):
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture
-def eager():
-    """Runs model-level calls eagerly (``kgrad.set_jit_compile(False)``)."""
-    previous = kgrad.get_jit_compile()
-    kgrad.set_jit_compile(False)
-    yield
-    kgrad.set_jit_compile(previous)
-
-
 @contextlib.contextmanager
 def _set_jit(enabled):
     """Compiled (``True``) or eager (``False``) model-level calls, for one example."""
@@ -428,16 +444,21 @@ PER_SAMPLE_CALLS = {
 
 @_settings("per_sample")
 @given(spec=model_specs(), call=st.sampled_from(sorted(PER_SAMPLE_CALLS)), data=st.data())
-def test_per_sample_results_match_a_loop_over_samples(spec, call, data, eager):
+def test_per_sample_results_match_a_loop_over_samples(spec, call, data):
     """Per-sample results on a batch equal the same call on each sample alone.
 
-    Eager model-level calls (``kgrad.set_jit_compile(False)``).
+    Model-level calls compiled on JAX, eager elsewhere (``JIT``).
     """
     model = build(spec)
     xs = inputs_of(spec, np.random.default_rng(spec["seed"] + 2))
     outputs = spec["head"][-1][1]
     target = data.draw(st.integers(0, outputs - 1), "target")
-    fn = PER_SAMPLE_CALLS[call]
+    call_fn = PER_SAMPLE_CALLS[call]
+
+    def fn(model, x, target):
+        with _set_jit(JIT):
+            return call_fn(model, x, target)
+
     batched = _flat(fn(model, _x(xs), target))
     for b in range(spec["batch"]):
         single = _flat(fn(model, _x([a[b : b + 1] for a in xs]), target))
@@ -454,28 +475,22 @@ def _mse(y, pred):
     return ops.mean(ops.square(ops.convert_to_tensor(y) - pred))
 
 
-# On TensorFlow, eager `func.jacfwd(func.jacrev(f))` through an LSTM takes about a
-# minute per model (one traced pfor per column); the Hessian property draws no
-# LSTM there. LSTM second derivatives on TensorFlow are still checked by the hvp
-# property (against kgrad.hessian) and in test_api_models.
 @_settings("hessian")
-@given(
-    spec=model_specs(lstm=keras.backend.backend() != "tensorflow"),
-    wrt=st.sampled_from(("inputs", "weights")),
-    data=st.data(),
-)
-def test_hessian_matches_jacfwd_of_jacrev(spec, wrt, data):
-    """kgrad.hessian against ``func.jacfwd(func.jacrev(f))`` of a scalar f of the model.
+@given(spec=model_specs(), wrt=st.sampled_from(("inputs", "weights")), data=st.data())
+def test_hessian_matches_the_backends_own_nested_derivatives(spec, wrt, data):
+    """kgrad.hessian against the backend's own second derivatives (``tests/native.py``).
 
     Inputs: ``f(x) = sum_b model(x)[b, target]``; its full Hessian over the batch
     is block diagonal and the blocks are the per-sample Hessians. Weights:
-    ``f(w) = mse(y, functional_call(model, w, x))`` for the weights of one or
-    two layers. Compiled or eager, as drawn.
+    ``f(w) = mse(y, model.stateless_call(w, x))`` for the weights of one layer.
+    The reference is ``jax.hessian``, nested gradient tapes, or torch's
+    double backward, none of which goes through kgrad. kgrad's call is compiled
+    or eager, as drawn (mostly ``JIT``).
     """
     model = build(spec)
     rng = np.random.default_rng(spec["seed"] + 3)
     xs = inputs_of(spec, rng)
-    jit = data.draw(st.sampled_from((False, False, False, True)), "jit_compile")
+    jit = data.draw(st.sampled_from((JIT, JIT, JIT, not JIT)), "jit_compile")
     if wrt == "inputs":
         outputs = spec["head"][-1][1]
         target = data.draw(st.integers(0, outputs - 1), "target")
@@ -483,51 +498,47 @@ def test_hessian_matches_jacfwd_of_jacrev(spec, wrt, data):
             H = _flat(kgrad.hessian(model, _x(xs), target=target))
 
         def f(x):
-            return ops.sum(model(x)[:, target])
+            return ops.sum(model(_x(x))[:, target])
 
-        ref = np_(func.jacfwd(func.jacrev(f))(_x([ops.convert_to_tensor(a) for a in xs])))
-        if len(xs) == 1:
-            ref = [[ref]]
+        ref = native.hessian(f, xs)
         for k, a in enumerate(xs):
-            full = np.asarray(ref[k][k], "float64")
-            n = a.shape[0]
-            feat = a.shape[1:]
-            full = full.reshape(n, math.prod(feat), n, math.prod(feat))
+            n, feat = a.shape[0], math.prod(a.shape[1:])
+            full = ref[k][k].reshape(n, feat, n, feat)
             blocks = np.stack([full[b, :, b, :] for b in range(n)])
-            got = H[k].reshape(n, math.prod(feat), math.prod(feat))
+            got = H[k].reshape(n, feat, feat)
             scale = float(np.max(np.abs(full))) + 1e-3
             np.testing.assert_allclose(got, blocks, rtol=1e-4, atol=1e-5 * scale, err_msg=k)
         return
-    # One layer: on TensorFlow the reference costs seconds per pair of weight tensors.
-    layers = [data.draw(st.sampled_from(_weighted_layers(model)), "layer")]
-    names = [layer.name for layer in layers]
+    layer = data.draw(st.sampled_from(_weighted_layers(model)), "layer")
     y = rng.normal(size=forward(model, xs).shape).astype("float32")
     with _set_jit(jit):
-        H = np_(kgrad.hessian(model, _x(xs), wrt="weights", layers=names, y=y, loss="mse"))
-    paths = [v.path for layer in layers for v in layer.trainable_variables]
-    w0 = {p: w for p, w in func.weights_of(model).items() if p in paths}
-    x_tensors = _x([ops.convert_to_tensor(a) for a in xs])
+        H = np_(kgrad.hessian(model, _x(xs), wrt="weights", layers=layer.name, y=y, loss="mse"))
+    paths = [v.path for v in layer.trainable_variables]
+    w0 = [np_(v.value) for v in layer.trainable_variables]
 
     def f(w):
-        return _mse(y, func.functional_call(model, w, x_tensors))
+        return _mse(y, native.stateless_output(model, paths, w, _x(xs)))
 
-    ref = np_(func.jacfwd(func.jacrev(f))(w0))
+    ref = native.hessian(f, w0)
     assert sorted(H) == sorted(paths)
-    scale = max(float(np.max(np.abs(ref[i][j]))) for i in paths for j in paths) + 1e-3
-    for i in paths:
-        assert sorted(H[i]) == sorted(paths)
-        for j in paths:
+    scale = max(float(np.max(np.abs(block))) for row in ref for block in row) + 1e-3
+    for i, pi in enumerate(paths):
+        assert sorted(H[pi]) == sorted(paths)
+        for j, pj in enumerate(paths):
             np.testing.assert_allclose(
-                H[i][j], ref[i][j], rtol=1e-4, atol=1e-5 * scale, err_msg=f"[{i}][{j}]"
+                H[pi][pj], ref[i][j], rtol=1e-4, atol=1e-5 * scale, err_msg=f"[{pi}][{pj}]"
             )
 
 
 @_settings("hvp")
 @given(spec=model_specs(), data=st.data())
-def test_hvp_matches_dense_hessian_times_vector(spec, data):
-    """kgrad.hvp against the dense weight Hessian (a matrix) times the vector.
+def test_hvp_matches_the_backends_own_hessian_vector_product(spec, data):
+    """kgrad.hvp against ``grad <grad f, v>`` in the backend's own autodiff.
 
-    Also checks that the dense Hessian is symmetric. Compiled or eager, as drawn.
+    ``f(w) = mse(y, model.stateless_call(w, x))`` for the weights of one or two
+    layers; the reference (``tests/native.py``) is reverse over reverse, which
+    kgrad's hvp does not use on JAX and TensorFlow (forward over reverse).
+    Compiled or eager, as drawn (mostly ``JIT``).
     """
     model = build(spec)
     rng = np.random.default_rng(spec["seed"] + 4)
@@ -537,29 +548,23 @@ def test_hvp_matches_dense_hessian_times_vector(spec, data):
         "layers",
     )
     names = [layer.name for layer in layers]
-    jit = data.draw(st.sampled_from((False, False, False, True)), "jit_compile")
+    jit = data.draw(st.sampled_from((JIT, JIT, JIT, not JIT)), "jit_compile")
     y = rng.normal(size=forward(model, xs).shape).astype("float32")
-    paths = [v.path for layer in layers for v in layer.trainable_variables]
-    shapes = {v.path: tuple(v.shape) for layer in layers for v in layer.trainable_variables}
-    vector = {p: rng.normal(size=shapes[p]).astype("float32") for p in paths}
+    variables = [v for layer in layers for v in layer.trainable_variables]
+    paths = [v.path for v in variables]
+    vector = {v.path: rng.normal(size=tuple(v.shape)).astype("float32") for v in variables}
     with _set_jit(jit):
-        H = np_(kgrad.hessian(model, _x(xs), wrt="weights", layers=names, y=y, loss="mse"))
         hv = np_(kgrad.hvp(model, _x(xs), vector, layers=names, y=y, loss="mse"))
     assert list(hv) == paths
-    sizes = [math.prod(shapes[p]) for p in paths]
-    matrix = np.block(
-        [
-            [np.asarray(H[i][j], "float64").reshape(si, sj) for j, sj in zip(paths, sizes)]
-            for i, si in zip(paths, sizes)
-        ]
-    )
-    scale = float(np.max(np.abs(matrix))) + 1e-3
-    np.testing.assert_allclose(matrix, matrix.T, rtol=1e-4, atol=1e-5 * scale, err_msg="H != H.T")
-    flat_v = np.concatenate([vector[p].astype("float64").ravel() for p in paths])
-    expected = matrix @ flat_v
-    got = np.concatenate([np.asarray(hv[p], "float64").ravel() for p in paths])
-    scale = float(np.max(np.abs(matrix)) * np.sum(np.abs(flat_v))) + 1e-3
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale, err_msg="hvp")
+
+    def f(w):
+        return _mse(y, native.stateless_output(model, paths, w, _x(xs)))
+
+    w0 = [np_(v.value) for v in variables]
+    expected = native.hvp(f, w0, [vector[p] for p in paths])
+    scale = max(float(np.max(np.abs(e))) for e in expected) + 1e-3
+    for p, e in zip(paths, expected):
+        np.testing.assert_allclose(hv[p], e, rtol=1e-4, atol=1e-5 * scale, err_msg=p)
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit_compile=True", "jit_compile=False"])
