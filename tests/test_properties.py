@@ -19,9 +19,10 @@ Properties, on the backend Keras runs on:
 - ``kgrad.hvp`` agrees with the backend's own reverse-over-reverse product.
 
 The number of examples is fixed and derandomized, so CI runs the same examples
-every time: 200 per backend in total, about 400 s of CPU time each for JAX and
-TensorFlow and 50 s for torch. Most of it is first calls: JAX compiles every
-model-level call of each new model, TensorFlow converts graphs with pfor.
+every time: 200 per backend in total, about 360 s of CPU time for JAX, 150 s
+for TensorFlow and 50 s for torch (measured on a 2-core CPU). Most of it is
+first calls: JAX compiles every model-level call of each new model, TensorFlow
+converts graphs with pfor.
 Set ``KGRAD_HYPOTHESIS_EXAMPLES`` to another total
 (``KGRAD_HYPOTHESIS_EXAMPLES=2000``) for a longer search; it is split between
 the properties in the same proportions (tox passes ``KGRAD_*`` variables
