@@ -25,12 +25,14 @@ BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def _load_formatting():
-    """``kgrad/bench.py`` loaded from its file, for its formatters.
+    """``kgrad/tools/_bench_format.py`` loaded from its file, for its formatters.
 
     Importing the ``kgrad`` package would import Keras (and a backend) in this
-    process; ``kgrad/bench.py`` alone imports only the standard library and NumPy.
+    process; ``kgrad/tools/_bench_format.py`` alone imports only the standard library.
     """
-    spec = importlib.util.spec_from_file_location("_kgrad_bench", ROOT / "kgrad" / "bench.py")
+    spec = importlib.util.spec_from_file_location(
+        "_kgrad_bench", ROOT / "kgrad" / "tools" / "_bench_format.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

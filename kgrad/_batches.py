@@ -18,12 +18,12 @@ A batch is ``x``, or ``(x,)``, ``(x, y)`` as in Keras's ``fit``; a multi-input
 from __future__ import annotations
 
 import collections.abc
-import os
 from typing import Any
 
 import keras
 
 from kgrad import _engine
+from kgrad import _progress as _progress_lines
 
 ops = keras.ops
 tree = keras.tree
@@ -76,9 +76,8 @@ def _batch_size(x) -> int:
 
 
 def _progress(n):
-    if os.environ.get("KGRAD_PROGRESS", "1") == "0":
-        return None
-    return keras.utils.Progbar(n, unit_name="batch")
+    # A Progbar on a terminal, plain lines in logs (no carriage returns or ANSI escapes).
+    return _progress_lines.progress(n, "batch")
 
 
 def run(fname: str, call, model, arrays: dict, options: dict):

@@ -9,7 +9,7 @@ import kgrad
 from kgrad.tools import compare, demos
 
 
-def test_relative_differences_are_norm_wise_per_derivative():
+def test_differences_are_per_array_and_name_the_array():
     a = {
         "grad/weights/x": np.array([3.0, 4.0]),
         "grad/weights/y": np.array([0.0]),
@@ -20,9 +20,38 @@ def test_relative_differences_are_norm_wise_per_derivative():
         "grad/weights/y": np.array([0.5]),
         "hvp/weights/x": np.array([1.0]),
     }
-    d = compare.relative_differences(a, b)
-    assert math.isclose(d["grad/weights"], 0.5 / math.sqrt(25.25))
-    assert d["hvp/weights"] == 0.0
+    # y alone: ||0 - 0.5|| / max(0, 0.5, 1e-2 * ||(3, 4, 0.5)||) = 1.
+    assert compare.tensor_differences(a, b) == {
+        "grad/weights": (1.0, "grad/weights/y"),
+        "hvp/weights": (0.0, "hvp/weights/x"),
+    }
+    assert compare.relative_differences(a, b) == {"grad/weights": 1.0, "hvp/weights": 0.0}
+
+
+def test_an_error_in_a_small_tensor_is_caught():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(100, 100))  # norm about 100
+    bias = rng.normal(size=100) * 0.05  # norm about 0.5
+    ref = {"grad/weights/d/kernel": kernel, "grad/weights/d/bias": bias}
+    other = {"grad/weights/d/kernel": kernel, "grad/weights/d/bias": bias * 1.1}
+    # In the norm of all the arrays together, the bias's 10% error vanishes ...
+    a = np.concatenate([kernel.ravel(), bias])
+    b = np.concatenate([kernel.ravel(), 1.1 * bias])
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < compare.TOLERANCE
+    # ... compared on its own (at no less than 1e-2 of the derivative's norm), it
+    # is caught and named.
+    diff, key = compare.tensor_differences(ref, other)["grad/weights"]
+    assert key == "grad/weights/d/bias"
+    scale = max(np.linalg.norm(1.1 * bias), compare.TENSOR_FLOOR * np.linalg.norm(b))
+    np.testing.assert_allclose(diff, np.linalg.norm(0.1 * bias) / scale, rtol=1e-12)
+    assert diff > 10 * compare.TOLERANCE
+    table = compare.compare({"jax": {"m": ref}, "torch": {"m": other}}, worst=(worst := {}))
+    assert table["m"]["grad/weights"]["torch"] > compare.TOLERANCE
+    assert "grad/weights/d/bias" in compare.format_table(table, "jax", worst=worst)
+    # Rounding noise in an array far smaller than its derivative is no disagreement.
+    noisy = {"grad/weights/d/kernel": kernel, "grad/weights/d/bias": bias * 0 + 1e-9}
+    quiet = {"grad/weights/d/kernel": kernel, "grad/weights/d/bias": bias * 0 + 3e-9}
+    assert compare.relative_differences(noisy, quiet)["grad/weights"] < 1e-6
 
 
 def test_nan_missing_and_misshapen_results_count_as_disagreement():

@@ -1,13 +1,20 @@
 """Computes kgrad's derivatives of saved models under one backend (``kgrad compare``).
 
 Run as ``KERAS_BACKEND=<name> python -m kgrad.tools._worker JOBS.json``; each job names
-a ``.keras`` model, ``.npy`` inputs (and targets) and an ``.npz`` to write.
+a ``.keras`` model, its inputs (and targets) as ``.npy``, ``.npz`` or ``.csv``, the
+``--import`` modules and ``--custom-objects`` to load it with, and an ``.npz`` to write.
+
+When a job fails, the worker prints one line ``ERROR_MARK`` + JSON
+(``{"job", "type", "message"}``) on stdout, the traceback on stderr, and exits
+with status 1; ``kgrad compare`` shows the line and, with ``--verbose``, the
+traceback.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import zlib
 
 import keras
@@ -81,12 +88,32 @@ def compute_zoo(model, x, y, target, activations=(), loss="mse", layer_grad=Fals
     return out
 
 
-def _load_x(path: str):
-    """A saved batch: one ``.npy`` array, or an ``.npz`` of several inputs (a list)."""
-    if path.endswith(".npz"):
-        with np.load(path) as data:
-            return [data[f"x{k}"] for k in range(len(data.files))]
-    return np.load(path)
+#: Starts the line a failed worker prints on stdout, before its JSON.
+ERROR_MARK = "kgrad-worker-error: "
+
+
+def _load_x(path: str, model=None):
+    """A saved batch: ``.npy``, ``.csv``, or ``.npz`` of several inputs (matched to ``model``)."""
+    from kgrad.tools import _loading
+
+    return _loading.load_batch(path, model)
+
+
+def _run_job(job) -> None:
+    from kgrad.tools import _loading
+
+    imports, objects = job.get("imports", ()), job.get("custom_objects", ())
+    model = _loading.load_model(job["model"], imports, objects)
+    x = _load_x(job["x"], model)
+    y = _loading.load_batch(job["y"], model, "--targets") if job.get("y") else None
+    if job.get("zoo"):
+        z = job["zoo"]
+        results = compute_zoo(
+            model, x, y, z["target"], z["activations"], z["loss"], z["layer_grad"]
+        )
+    else:
+        results = compute(model, x, y, job.get("activations", ()), job.get("hessian", False))
+    np.savez(job["out"], **results)
 
 
 def main(argv: list[str]) -> int:
@@ -95,19 +122,14 @@ def main(argv: list[str]) -> int:
     with open(argv[0]) as fh:
         jobs = json.load(fh)
     for job in jobs:
-        model = keras.models.load_model(job["model"], compile=False)
-        x = _load_x(job["x"])
-        y = np.load(job["y"]) if job.get("y") else None
-        if job.get("zoo"):
-            z = job["zoo"]
-            results = compute_zoo(
-                model, x, y, z["target"], z["activations"], z["loss"], z["layer_grad"]
-            )
-        else:
-            results = compute(model, x, y, job.get("activations", ()), job.get("hessian", False))
-        np.savez(job["out"], **results)
+        try:
+            _run_job(job)
+        except Exception as err:  # reported to kgrad compare as one line, traceback on stderr
+            traceback.print_exc()
+            record = {"job": job["name"], "type": type(err).__name__, "message": str(err)}
+            print(ERROR_MARK + json.dumps(record), flush=True)
+            return 1
         print(f"{keras.backend.backend()}: {job['name']} done", flush=True)
-        del model, results
         keras.backend.clear_session()  # frees the model's graphs before the next (zoo) job
     return 0
 

@@ -33,7 +33,10 @@ Then, for each of R rounds, one kgrad call and one native call are timed with
 ``time.perf_counter``, in alternating order, each synchronised (JAX:
 ``block_until_ready`` on every leaf; TensorFlow and PyTorch: every leaf
 converted to NumPy). The medians of the kgrad times, the native times and the
-per-round ratios kgrad/native are reported. Expensive cases run fewer rounds
+per-round ratios kgrad/native are reported, with the range (min-max) of the
+ratios. The ratio is the median of the per-round ratios, not the ratio of the
+two medians, so under noise it can differ from kgrad s / native s; the range
+shows how much the rounds varied. Expensive cases run fewer rounds
 (at least 3) so that a case takes about a minute at most.
 
 Usage (only the active Keras backend is measured)::
@@ -50,8 +53,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -60,7 +61,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run", "format_table", "format_markdown", "environment", "main"]
+from kgrad.tools._bench_format import COLUMNS, environment, format_markdown, format_table
+from kgrad.tools._bench_native import _NATIVE, _cnn, _forward, _mlp
+
+__all__ = ["COLUMNS", "run", "format_table", "format_markdown", "environment", "main"]
 
 #: Rounds per case (full run, quick run).
 ROUNDS = 15
@@ -78,73 +82,12 @@ QUICK_MLP_SIZES = (256, 4096)
 CNN_BATCH, QUICK_CNN_BATCH = 128, 32
 LOOP_N, QUICK_LOOP_N = 256, 64
 
-COLUMNS = ("backend", "case", "n", "kgrad_s", "native_s", "ratio", "first_call_s", "note")
-
 
 # --------------------------------------------------------------------- helpers
 
 
 def _log(message: str) -> None:
     print(f"kgrad bench: {message}", file=sys.stderr, flush=True)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def environment() -> dict[str, Any]:
-    """Describes where the benchmark runs: versions, CPU, cores, device.
-
-    Returns:
-        A dict with keys ``backend``, ``framework`` (name and version of the
-        active backend's framework), ``keras``, ``kgrad``, ``python``, ``cpu``,
-        ``cores``, ``device`` (what the backend computes on) and ``threads``
-        (the framework's intra-op threads where it says, else ``None``).
-    """
-    import keras
-
-    import kgrad
-
-    backend = keras.backend.backend()
-    version, device, threads = "?", "cpu", None
-    if backend == "jax":
-        import jax
-
-        version = jax.__version__
-        dev = jax.devices()[0]
-        device = dev.platform if dev.platform == "cpu" else f"{dev.platform} {dev.device_kind}"
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        version = tf.__version__
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or None
-        gpus = tf.config.list_physical_devices("GPU")
-        device = f"gpu x{len(gpus)}" if gpus else "cpu"
-    elif backend == "torch":
-        import torch
-
-        version = torch.__version__
-        threads = torch.get_num_threads()
-        if torch.cuda.is_available():
-            device = f"cuda {torch.cuda.get_device_name(0)}"
-    return {
-        "backend": backend,
-        "framework": f"{backend} {version}",
-        "keras": keras.__version__,
-        "kgrad": kgrad.__version__,
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "device": device,
-        "threads": threads,
-    }
 
 
 def _leaves(value) -> list:
@@ -260,212 +203,17 @@ def _measure(
         "kgrad_s": kgrad_s,
         "native_s": native_s,
         "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
         "first_call_s": first,
         "note": "; ".join(parts),
     }
     _log(
         f"{case:<28} n={n:<6} kgrad {kgrad_s:.6f}s native {native_s:.6f}s "
-        f"ratio {row['ratio']:.3g} ({r} rounds)"
+        f"ratio {row['ratio']:.3g} (median of {r} rounds, range {min(ratios):.3g}-"
+        f"{max(ratios):.3g})"
     )
     return row
-
-
-# ---------------------------------------------------------------------- models
-
-
-def _mlp():
-    import keras
-
-    inputs = keras.Input((2,))
-    h = inputs
-    for i in range(3):
-        h = keras.layers.Dense(64, activation="tanh", name=f"hidden{i}")(h)
-    outputs = keras.layers.Dense(1, name="out")(h)
-    return keras.Model(inputs, outputs, name="pinn_mlp")
-
-
-def _cnn():
-    import keras
-
-    inputs = keras.Input((28, 28, 1))
-    h = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
-    h = keras.layers.MaxPooling2D(name="pool")(h)
-    h = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    outputs = keras.layers.Dense(10, name="out")(h)
-    return keras.Model(inputs, outputs, name="small_cnn")
-
-
-# ------------------------------------------------------------ native references
-
-
-def _native_jax(kind: str, model, x, y=None) -> Callable[[], Any]:
-    import jax
-    import jax.numpy as jnp
-
-    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-
-    def values():
-        return [v.value for v in trainable], [v.value for v in non_trainable]
-
-    def single(tv, ntv, xi):
-        out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
-        return out[0]
-
-    if kind == "cnn":
-
-        def loss(tv, ntv, xb, yb):
-            pred, _ = model.stateless_call(tv, ntv, xb, training=False)
-            return jnp.mean(jnp.square(pred - yb))
-
-        fn = jax.jit(jax.grad(loss))
-        paths = [v.path for v in trainable]
-        return lambda: dict(zip(paths, fn(*values(), x, y)))
-    if kind == "loop":  # what old forum answers do: jax.grad per sample, no jit
-
-        def per_sample():
-            tv, ntv = values()
-            g = jax.grad(lambda xi: jnp.sum(single(tv, ntv, xi)))
-            return jnp.stack([g(x[i]) for i in range(x.shape[0])])
-
-        return per_sample
-    if kind == "grad":
-        transform = jax.grad(lambda tv, ntv, xi: jnp.sum(single(tv, ntv, xi)), argnums=2)
-    elif kind == "jacobian":
-        transform = jax.jacrev(single, argnums=2)
-    else:
-        transform = jax.hessian(lambda tv, ntv, xi: single(tv, ntv, xi)[0], argnums=2)
-    fn = jax.jit(jax.vmap(transform, in_axes=(None, None, 0)))
-    return lambda: fn(*values(), x)
-
-
-def _native_torch(kind: str, model, x, y=None) -> Callable[[], Any]:
-    import torch
-    from torch import func as tfunc
-
-    trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-
-    def values():
-        # Detached: torch.func differentiates; no outer autograd graph is recorded.
-        return [v.value.detach() for v in trainable], [v.value.detach() for v in non_trainable]
-
-    def single(tv, ntv, xi):
-        out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
-        return out[0]
-
-    if kind == "cnn":
-
-        def loss(tv, ntv, xb, yb):
-            pred, _ = model.stateless_call(tv, ntv, xb, training=False)
-            return torch.mean(torch.square(pred - yb))
-
-        fn = tfunc.grad(loss)
-        paths = [v.path for v in trainable]
-        return lambda: dict(zip(paths, fn(*values(), x, y)))
-    if kind == "loop":  # what old forum answers do: autograd per sample
-
-        def per_sample():
-            grads = []
-            for i in range(x.shape[0]):
-                xi = x[i : i + 1].detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(model(xi, training=False).sum(), xi)
-                grads.append(g)
-            return torch.cat(grads)
-
-        return per_sample
-    if kind == "grad":
-        transform = tfunc.grad(lambda tv, ntv, xi: single(tv, ntv, xi).sum(), argnums=2)
-    elif kind == "jacobian":
-        transform = tfunc.jacrev(single, argnums=2)
-    else:
-        transform = tfunc.hessian(lambda tv, ntv, xi: single(tv, ntv, xi)[0], argnums=2)
-    fn = tfunc.vmap(transform, in_dims=(None, None, 0))
-    return lambda: fn(*values(), x)
-
-
-def _native_tensorflow(kind: str, model, x, y=None) -> Callable[[], Any]:
-    import tensorflow as tf
-
-    if kind == "cnn":
-        paths = [v.path for v in model.trainable_variables]
-
-        @tf.function
-        def cnn_grad(xb, yb):
-            with tf.GradientTape() as tape:
-                pred = model(xb, training=False)
-                loss = tf.reduce_mean(tf.square(pred - yb))
-            return tape.gradient(loss, model.trainable_variables)
-
-        return lambda: dict(zip(paths, cnn_grad(x, y)))
-    if kind == "loop":  # what old forum answers do: one eager tape per sample
-
-        def per_sample():
-            grads = []
-            for i in range(x.shape[0]):
-                xi = x[i : i + 1]
-                with tf.GradientTape() as tape:
-                    tape.watch(xi)
-                    out = tf.reduce_sum(model(xi, training=False))
-                grads.append(tape.gradient(out, xi))
-            return tf.concat(grads, axis=0)
-
-        return per_sample
-    if kind == "grad":
-
-        @tf.function
-        def fn(xb):
-            with tf.GradientTape() as tape:
-                tape.watch(xb)
-                out = tf.reduce_sum(model(xb, training=False))
-            return tape.gradient(out, xb)
-
-    elif kind == "jacobian":
-
-        @tf.function
-        def fn(xb):
-            with tf.GradientTape() as tape:
-                tape.watch(xb)
-                out = model(xb, training=False)
-            return tape.batch_jacobian(out, xb)
-
-    else:
-
-        @tf.function
-        def fn(xb):
-            with tf.GradientTape() as outer:
-                outer.watch(xb)
-                with tf.GradientTape() as inner:
-                    inner.watch(xb)
-                    out = tf.reduce_sum(model(xb, training=False)[:, 0])
-                g = inner.gradient(out, xb)
-            return outer.batch_jacobian(g, xb)
-
-    return lambda: fn(x)
-
-
-def _forward(backend: str, model, x) -> Callable[[], Any]:
-    """One forward pass of the batch, as users run inference on each backend."""
-    if backend == "torch":
-        import torch
-
-        def forward():
-            with torch.no_grad():
-                return model(x, training=False)
-
-        return forward
-    if backend == "jax":
-        import jax
-
-        trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-        fn = jax.jit(lambda tv, ntv, xb: model.stateless_call(tv, ntv, xb, training=False)[0])
-        return lambda: fn([v.value for v in trainable], [v.value for v in non_trainable], x)
-    import tensorflow as tf
-
-    fn = tf.function(lambda xb: model(xb, training=False))
-    return lambda: fn(x)
-
-
-_NATIVE = {"jax": _native_jax, "torch": _native_torch, "tensorflow": _native_tensorflow}
 
 
 # ------------------------------------------------------------------------- run
@@ -582,99 +330,6 @@ def run(quick: bool = False, repeats: int | None = None) -> list[dict[str, Any]]
 
 
 # -------------------------------------------------------------------- printing
-
-
-def _environment_lines(environments: Sequence[dict[str, Any]]) -> list[str]:
-    return [
-        f"kgrad {e.get('kgrad', '?')} | backend {e.get('backend', '?')} "
-        f"({e.get('framework', '?')}, keras {e.get('keras', '?')}, python "
-        f"{e.get('python', '?')}) | CPU {e.get('cpu', '?')}, {e.get('cores', '?')} cores"
-        + (f", intra-op threads {e['threads']}" if e.get("threads") else "")
-        + (f" | device {e['device']}" if e.get("device", "cpu") != "cpu" else "")
-        for e in environments
-    ]
-
-
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [
-        str(row["backend"]),
-        str(row["case"]),
-        str(row["n"]),
-        f"{row['kgrad_s']:.6f}",
-        f"{row['native_s']:.6f}",
-        f"{row['ratio']:.2f}" if row["ratio"] >= 0.01 else f"{row['ratio']:.1e}",
-        f"{row['first_call_s']:.3f}",
-        str(row.get("note", "")),
-    ]
-
-
-_HEADER = ["backend", "case", "n", "kgrad s", "native s", "kgrad/native", "first call s", "note"]
-
-
-def format_table(
-    rows: Sequence[dict[str, Any]], environments: Sequence[dict[str, Any]] | None = None
-) -> str:
-    """Formats rows as a fixed-width text table.
-
-    Args:
-        rows: rows as returned by :func:`run` (of one or several backends).
-        environments: :func:`environment` dicts for the header lines (default:
-            this process's environment).
-
-    Returns:
-        The header lines (backend, framework and keras versions, CPU, cores)
-        followed by the table.
-
-    Example:
-
-    >>> row = dict(backend="jax", case="mlp input grad", n=256, kgrad_s=0.0012,
-    ...            native_s=0.001, ratio=1.2, first_call_s=0.5, note="")
-    >>> env = dict(kgrad="0.1.0", backend="jax", framework="jax 0.10.2",
-    ...            keras="3.15.1", python="3.11.7", cpu="Some CPU", cores=2)
-    >>> print(format_table([row], [env]))  # doctest: +NORMALIZE_WHITESPACE
-    kgrad 0.1.0 | backend jax (jax 0.10.2, keras 3.15.1, python 3.11.7) | CPU Some CPU, 2 cores
-    backend  case              n   kgrad s  native s  kgrad/native  first call s  note
-    jax      mlp input grad  256  0.001200  0.001000          1.20         0.500
-    """
-    if environments is None:
-        environments = [environment()]
-    body = [_cells(r) for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(_HEADER, *body)]
-    right = {2, 3, 4, 5, 6}
-
-    def line(cells):
-        out = [
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([*_environment_lines(environments), line(_HEADER), *map(line, body)])
-
-
-def format_markdown(
-    rows: Sequence[dict[str, Any]], environments: Sequence[dict[str, Any]] | None = None
-) -> str:
-    """Formats rows as a Markdown table, with the environment as a list above it.
-
-    Args:
-        rows: rows as returned by :func:`run`.
-        environments: :func:`environment` dicts (default: this process's).
-
-    Returns:
-        Markdown text.
-    """
-    if environments is None:
-        environments = [environment()]
-    lines = [f"- {line}" for line in _environment_lines(environments)]
-    lines += [
-        "",
-        "| " + " | ".join(_HEADER) + " |",
-        "|" + "|".join(["---", "---", "---:", "---:", "---:", "---:", "---:", "---"]) + "|",
-    ]
-    for row in rows:
-        cells = [c.replace("|", "\\|") for c in _cells(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="compare derivatives across backends (built-in demos by default)"
     )
     cmp_.add_argument("model", nargs="?", help="a saved .keras model (default: demo models)")
-    cmp_.add_argument("--inputs", help="a .npy batch of inputs for MODEL")
-    cmp_.add_argument("--targets", help="a .npy batch of targets (adds loss derivatives)")
+    cmp_.add_argument("--inputs", help=f"a batch of inputs for MODEL ({_FORMATS})")
+    cmp_.add_argument("--targets", help="a batch of targets (adds loss derivatives)")
+    _loading_options(cmp_)
     cmp_.add_argument("--backends", help="comma-separated, default: every installed backend")
     cmp_.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp_.add_argument("--quick", action="store_true", help="only the three small demos")
@@ -33,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep = sub.add_parser("report", help="the gradient report of a saved model")
     rep.add_argument("model", help="a saved .keras model")
-    rep.add_argument("--inputs", required=True, help="a .npy batch of inputs")
-    rep.add_argument("--targets", help="a .npy batch of targets (the objective is then the loss)")
+    rep.add_argument("--inputs", required=True, help=f"a batch of inputs ({_FORMATS})")
+    rep.add_argument("--targets", help="a batch of targets (the objective is then the loss)")
+    _loading_options(rep)
     rep.add_argument("--loss", help="a Keras loss name; default: the model's compiled loss")
     rep.add_argument("--plot", help="also write the gradient-flow chart to this PNG")
     rep.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -45,6 +47,32 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--repeats", type=int, default=None, help="rounds per case")
     return parser
+
+
+_FORMATS = ".npy; .npz with one array per input, named as the model's inputs; or .csv"
+
+
+def _loading_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module (or .py file) before loading the model, e.g. one that "
+        "registers custom layers with keras.saving.register_keras_serializable; repeatable",
+    )
+    sub.add_argument(
+        "--custom-objects",
+        dest="custom_objects",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="pass MODULE.NAME to keras.models.load_model as a custom object; repeatable",
+    )
+    sub.add_argument(
+        "--verbose", action="store_true", help="show tracebacks (a failed worker's whole log)"
+    )
 
 
 def _quiet_framework_logs() -> None:
@@ -92,16 +120,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.quick,
                 args.tolerance if args.tolerance is not None else compare.TOLERANCE,
                 zoo=(os.environ.get("KGRAD_ZOO") or "ci") if args.zoo == "env" else args.zoo,
+                imports=args.imports,
+                custom_objects=args.custom_objects,
+                verbose=args.verbose,
             )
         except (ValueError, RuntimeError) as err:
-            print(f"kgrad compare: {err}", file=sys.stderr)
-            return 2
+            return _fail("compare", err, args.verbose)
     if args.command == "report":
         try:
             return _report(args)
         except (ValueError, TypeError, ImportError, OSError) as err:
-            print(f"kgrad report: {err}", file=sys.stderr)
-            return 2
+            return _fail("report", err, args.verbose)
     if args.command == "bench":
         from kgrad.tools import bench
 
@@ -117,18 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _report(args) -> int:
-    import keras
-    import numpy as np
+def _fail(command: str, err: Exception, verbose: bool) -> int:
+    """Prints the error as one line (and, with ``--verbose``, its traceback); returns 2."""
+    if verbose:
+        import traceback
 
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"kgrad {command}: {err}", file=sys.stderr)
+    return 2
+
+
+def _report(args) -> int:
     import kgrad
+    from kgrad.tools import _loading
 
     for path in (args.model, args.inputs, args.targets):
         if path is not None and not os.path.exists(path):
             raise ValueError(f"No such file. Received: {path!r}.")
-    model = keras.models.load_model(args.model, compile=args.targets is not None and not args.loss)
-    x = np.load(args.inputs)
-    y = np.load(args.targets) if args.targets else None
+    compiled = args.targets is not None and not args.loss
+    model = _loading.load_model(args.model, args.imports, args.custom_objects, compile=compiled)
+    x = _loading.load_batch(args.inputs, model, "--inputs")
+    y = _loading.load_batch(args.targets, model, "--targets") if args.targets else None
     if y is not None and args.loss is None and getattr(model, "loss", None) is None:
         raise ValueError(
             "--targets needs a loss, and the saved model was not compiled with one. "

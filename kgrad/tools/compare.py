@@ -1,8 +1,14 @@
 """``kgrad compare``: the same derivatives under every backend, compared.
 
 Each backend runs in its own process on the same saved model, weights and
-inputs; the results are compared norm-wise per derivative:
-``||a - b|| / max(||a||, ||b||)`` over all arrays of that derivative.
+inputs; the results are compared tensor by tensor: per result array (one
+weight's gradient, one input's gradient, ...) the norm-wise relative difference
+``||a - b|| / max(||a||, ||b||, floor)``, and per derivative the largest of
+them, with the array that gives it. Comparing each array on its own keeps an
+error in a small tensor (a bias gradient) from vanishing in the norm of a
+large one. ``floor`` is ``TENSOR_FLOOR`` (1e-2) times the norm of the whole
+derivative: an array far smaller than its derivative is compared at that scale,
+so float32 rounding in a nearly-zero array is not reported as a disagreement.
 
 The default tolerance is 1e-3 relative. Keras computes in float32 on every
 backend (JAX and PyTorch even when asked for float64), and the backends use
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +31,14 @@ from collections import defaultdict
 
 import numpy as np
 
-TOLERANCE = 1e-3
+from kgrad.tools._compare_format import (  # noqa: F401 (part of this module's interface)
+    TOLERANCE,
+    ZOO_KINDS,
+    format_matrix,
+    format_table,
+)
+
+TENSOR_FLOOR = 1e-2
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -43,24 +57,43 @@ def _group(key: str) -> str:
     return "/".join(parts[:2])
 
 
-def relative_differences(ref: dict, other: dict) -> dict[str, float]:
-    """Norm-wise relative difference per derivative group (inf for NaN, missing keys)."""
+def tensor_differences(ref: dict, other: dict) -> dict[str, tuple[float, str]]:
+    """Per derivative group, the largest per-array relative difference and its array.
+
+    Returns ``{group: (difference, key)}``; NaN, Inf, a missing key or a
+    different shape count as ``inf``.
+    """
     groups = defaultdict(list)
     for key in sorted(set(ref) | set(other)):
         groups[_group(key)].append(key)
-    diffs = {}
+    out = {}
     for group, keys in groups.items():
-        if any(k not in ref or k not in other or ref[k].shape != other[k].shape for k in keys):
-            diffs[group] = float("inf")
+        bad = [k for k in keys if k not in ref or k not in other or ref[k].shape != other[k].shape]
+        if bad:
+            out[group] = (float("inf"), bad[0])
             continue
-        a = np.concatenate([ref[k].ravel().astype("float64") for k in keys])
-        b = np.concatenate([other[k].ravel().astype("float64") for k in keys])
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            diffs[group] = float("inf")
+        a = {k: ref[k].astype("float64").ravel() for k in keys}
+        b = {k: other[k].astype("float64").ravel() for k in keys}
+        bad = [k for k in keys if not (np.isfinite(a[k]).all() and np.isfinite(b[k]).all())]
+        if bad:
+            out[group] = (float("inf"), bad[0])
             continue
-        scale = max(np.linalg.norm(a), np.linalg.norm(b))
-        diffs[group] = float(np.linalg.norm(a - b) / scale) if scale > 0 else 0.0
-    return diffs
+        total = max(
+            math.sqrt(sum(float(v @ v) for v in a.values())),
+            math.sqrt(sum(float(v @ v) for v in b.values())),
+        )
+        worst = (0.0, keys[0])
+        for k in keys:
+            scale = max(np.linalg.norm(a[k]), np.linalg.norm(b[k]), TENSOR_FLOOR * total)
+            diff = float(np.linalg.norm(a[k] - b[k]) / scale) if scale > 0 else 0.0
+            worst = max(worst, (diff, k), key=lambda t: t[0])
+        out[group] = worst
+    return out
+
+
+def relative_differences(ref: dict, other: dict) -> dict[str, float]:
+    """Per derivative group, the largest per-array relative difference (see the module)."""
+    return {group: diff for group, (diff, _) in tensor_differences(ref, other).items()}
 
 
 def _save_job(name, build, folder, **fields) -> dict:
@@ -130,51 +163,47 @@ def _save_zoo(names, folder):
     return [_save_job(n, zoo.ARCHITECTURES[n], folder, zoo=lambda e: e) for n in names]
 
 
-#: Columns of the zoo's summary matrix: derivative kind -> result-group prefix.
-ZOO_KINDS = {
-    "saliency": "saliency/",
-    "grad-cam": "gradcam/",
-    "loss wrt weights": "grad/weights",
-    "layer_grad": "layer_grad/",
-}
+class WorkerError(RuntimeError):
+    """A backend's worker failed; the message names the backend, the model and the error."""
 
 
-def format_matrix(table, tolerance=TOLERANCE) -> str:
-    """Architecture x derivative kind -> the largest difference over backends and layers."""
-    header = ["architecture", *ZOO_KINDS, "ok"]
-    lines = [header]
-    for model, rows in table.items():
-        cells, worst = [], 0.0
-        for prefix in ZOO_KINDS.values():
-            diffs = [d for g, r in rows.items() if g.startswith(prefix) for d in r.values()]
-            if diffs:
-                worst = max(worst, max(diffs))
-                cells.append(f"{max(diffs):.2e}")
-            else:
-                cells.append("-")
-        lines.append([model, *cells, "yes" if worst <= tolerance else "NO"])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+def _worker_error(backend: str, code: int, stdout_lines: list[str], stderr: str, verbose: bool):
+    """The error for a failed worker: its kgrad error as one line, the traceback if verbose."""
+    from kgrad.tools._worker import ERROR_MARK
+
+    records = [
+        json.loads(line[len(ERROR_MARK) :]) for line in stdout_lines if line.startswith(ERROR_MARK)
+    ]
+    lines = stderr.rstrip().splitlines()
+    if records:
+        r = records[-1]
+        message = f"the {backend} worker failed on {r['job']}: {r['type']}: {r['message']}"
+    else:  # a crash before kgrad could report: the end of the log, whole lines
+        message = f"the {backend} worker failed (exit {code})"
+        if not verbose:
+            message += ":\n" + "\n".join(lines[-15:])
+    if verbose:
+        message += f"\n--- the {backend} worker's log ---\n" + "\n".join(lines)
+    elif records:
+        message += " (--verbose shows the worker's traceback)"
+    return WorkerError(message)
 
 
-def _progress(n: int, show: bool):
-    if not show or os.environ.get("KGRAD_PROGRESS", "1") == "0":
-        return None
-    import keras
-
-    return keras.utils.Progbar(n, unit_name="model")
-
-
-def run(jobs, backends, folder, log=print, progress=True):
+def run(jobs, backends, folder, log=print, progress=True, verbose=False):
     """Runs the jobs under each backend in its own process; returns results per backend.
 
-    With ``progress``, a ``keras.utils.Progbar`` on stdout counts the (backend,
-    model) pairs done, as each worker reports them.
+    With ``progress``, a progress display on stdout counts the (backend, model)
+    pairs done, as each worker reports them: a ``keras.utils.Progbar`` on a
+    terminal, plain lines otherwise (``kgrad._progress``).
+
+    Raises:
+        WorkerError: a worker failed; the message names the backend and gives
+            the worker's error in one line (with ``verbose``, its whole log).
     """
+    from kgrad import _progress
+
     results = {}
-    bar = _progress(len(jobs) * len(backends), progress)
+    bar = _progress.progress(len(jobs) * len(backends), "model") if progress else None
     done = 0
     for backend in backends:
         own = [dict(job, out=os.path.join(folder, f"{job['name']}_{backend}.npz")) for job in jobs]
@@ -183,6 +212,7 @@ def run(jobs, backends, folder, log=print, progress=True):
             json.dump(own, fh)
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         # stderr goes to a file: frameworks log a lot there, and a full pipe would block.
+        lines = []
         with tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kgrad.tools._worker", spec],
@@ -192,6 +222,7 @@ def run(jobs, backends, folder, log=print, progress=True):
                 text=True,
             )
             for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
                 if line.rstrip().endswith(" done"):
                     done += 1
                     if bar is not None:
@@ -200,47 +231,35 @@ def run(jobs, backends, folder, log=print, progress=True):
             err.seek(0)
             stderr = err.read()
         if code != 0:
-            raise RuntimeError(
-                f"kgrad compare: the {backend} worker failed (exit {code}).\n{stderr[-4000:]}"
-            )
+            raise _worker_error(backend, code, lines, stderr, verbose)
         if bar is None:
             log(f"  {backend}: done")
         results[backend] = {job["name"]: dict(np.load(job["out"])) for job in own}
     return results
 
 
-def compare(results, tolerance=TOLERANCE):
-    """Returns ``{model: {derivative: {backend: diff}}}`` against the first backend."""
+def compare(results, tolerance=TOLERANCE, worst=None):
+    """Returns ``{model: {derivative: {backend: diff}}}`` against the first backend.
+
+    ``worst``, a dict, receives ``{model: {derivative: {backend: array key}}}``:
+    the array that gave each difference.
+    """
     backends = list(results)
     ref = backends[0]
     table = {}
     for model in results[ref]:
         rows = defaultdict(dict)
+        names = defaultdict(dict)
         for other in backends[1:]:
-            for group, diff in relative_differences(
+            for group, (diff, key) in tensor_differences(
                 results[ref][model], results[other][model]
             ).items():
                 rows[group][other] = diff
+                names[group][other] = key
         table[model] = dict(rows)
+        if worst is not None:
+            worst[model] = dict(names)
     return table
-
-
-def format_table(table, reference, tolerance=TOLERANCE) -> str:
-    others = sorted({b for rows in table.values() for r in rows.values() for b in r})
-    header = ["model", "derivative"] + [f"{b} vs {reference}" for b in others] + ["ok"]
-    lines = [header]
-    for model, rows in table.items():
-        for group, diffs in rows.items():
-            worst = max(diffs.values()) if diffs else 0.0
-            lines.append(
-                [model, group]
-                + [f"{diffs.get(b, float('nan')):.2e}" for b in others]
-                + ["yes" if worst <= tolerance else "NO"]
-            )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 def main(
@@ -252,13 +271,19 @@ def main(
     quick=False,
     tolerance=TOLERANCE,
     zoo=None,
+    imports=(),
+    custom_objects=(),
+    verbose=False,
 ) -> int:
     """Runs the comparison and prints it; returns the exit code (1 past tolerance).
 
     ``zoo`` (``"ci"``, ``"full"`` or comma-separated names) compares the
     architecture zoo (``kgrad.tools.zoo``) instead of the demo models.
+    ``imports`` (modules or ``.py`` files) and ``custom_objects``
+    (``MODULE:NAME``) are loaded by every worker before a saved model.
+    ``verbose`` shows a failed worker's whole log.
     """
-    from kgrad.tools import demos
+    from kgrad.tools import _loading, demos
 
     backends = backends or installed_backends()
     missing = [b for b in backends if b not in BACKENDS]
@@ -286,7 +311,8 @@ def main(
             if inputs is None:
                 raise ValueError(
                     f"kgrad compare needs inputs for a saved model. Received: model={model!r} "
-                    f"without --inputs. Pass --inputs X.npy (a batch for the model)."
+                    f"without --inputs. Pass --inputs X.npy (a batch for the model; .npz and .csv "
+                    f"work too)."
                 )
             jobs = [
                 {
@@ -296,10 +322,13 @@ def main(
                     "y": os.path.abspath(targets) if targets else None,
                     "activations": [],
                     "hessian": False,
+                    "imports": [_loading.absolute(m) for m in imports or ()],
+                    "custom_objects": [_loading.absolute(o) for o in custom_objects or ()],
                 }
             ]
-        results = run(jobs, backends, folder, log=log, progress=not as_json)
-    table = compare(results, tolerance)
+        results = run(jobs, backends, folder, log=log, progress=not as_json, verbose=verbose)
+    largest_in: dict = {}
+    table = compare(results, tolerance, worst=largest_in)
     worst = max(
         (d for rows in table.values() for r in rows.values() for d in r.values()), default=0.0
     )
@@ -313,12 +342,17 @@ def main(
                     "ok": ok,
                     "max_difference": worst,
                     "models": table,
+                    "largest_in": largest_in,
                 },
                 indent=2,
             )
         )
     else:
-        print(format_table(table, backends[0], tolerance))
+        print(
+            "per derivative: the largest relative difference ||a - b|| / max(||a||, ||b||) "
+            "over its arrays, and the array it is in"
+        )
+        print(format_table(table, backends[0], tolerance, worst=largest_in))
         if zoo is not None:
             print(f"\nlargest difference per architecture and derivative, vs {backends[0]}:")
             print(format_matrix(table, tolerance))
