@@ -6,8 +6,10 @@ it, and ``Received: ...``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import keras
@@ -87,8 +89,62 @@ def check_float_leaves(leaves: Iterable[Any], fname: str, argname: str = "argume
             )
 
 
+_public = threading.local()
+
+
+@contextlib.contextmanager
+def public_call(name: str, model: Any = None) -> Iterator[None]:
+    """Errors raised inside name the model-level ``kgrad.<name>`` the user called.
+
+    The model-level functions are built on :mod:`kgrad.func`; without this an
+    integer model output would be reported as a problem of ``kgrad.func.grad``
+    or ``kgrad.func.hessian``, which the user never called.
+    """
+    previous = getattr(_public, "name", None), getattr(_public, "model", None)
+    _public.name, _public.model = name, model
+    try:
+        yield
+    finally:
+        _public.name, _public.model = previous
+
+
+def current_model() -> Any:
+    """The model of the model-level call running in this thread, or None."""
+    return getattr(_public, "model", None)
+
+
+def model_level(body):
+    """Decorates a model-level body ``body(req, arrays, options)``: see :func:`public_call`."""
+
+    def wrapped(req, arrays, options):
+        with public_call(req.fname, req.model):
+            return body(req, arrays, options)
+
+    wrapped.__name__, wrapped.__doc__ = body.__name__, body.__doc__
+    return wrapped
+
+
+def _model_level() -> str | None:
+    return getattr(_public, "name", None)
+
+
+def check_float_output(value: Any) -> None:
+    """Inside a model-level call: raises TypeError for an integer or boolean output."""
+    dtype = dtype_name(value)
+    if not differentiable(dtype):
+        raise TypeError(
+            f"`kgrad.{_model_level()}` needs a real- or complex-valued model output to "
+            f"differentiate, but the selected output has dtype {dtype}, which has no "
+            f"derivative. Received: an output of dtype {dtype}. Select a float output with "
+            f"`of=` (a layer) or `target=`, or keep the model's last layers in float (an "
+            f"argmax or a cast to int has no gradient)."
+        )
+
+
 def check_scalar(value: Any, fname: str) -> None:
     """Raises ValueError unless ``value`` is a scalar tensor."""
+    if _model_level() is not None:
+        check_float_output(value)
     shape = getattr(value, "shape", None)
     if shape is None or tuple(shape) != ():
         shape_txt = tuple(shape) if shape is not None else type(value).__name__

@@ -67,3 +67,23 @@ def _differentiate(
         return transformed(*args, **kwargs)
 
     return call
+
+
+def _mapped(backend, f: Callable, in_axes: Any, out_axes: Any, randomness: str) -> Callable:
+    """The backend's ``vmap`` of ``f`` with ``kgrad.func.vmap``'s ``randomness``."""
+    if randomness not in ("same", "different"):
+        raise ValueError(
+            f"`kgrad.func.vmap`'s `randomness` must be 'same' or 'different'. Received: "
+            f"randomness={randomness!r}.{_errors.closest(str(randomness), ('same', 'different'))}"
+        )
+    if randomness == "same":
+        return backend.vmap(f, in_axes=in_axes, out_axes=out_axes)
+    if randomness in _backends.hook("vmap_randomness"):
+        return backend.vmap(f, in_axes=in_axes, out_axes=out_axes, randomness=randomness)
+    raise NotImplementedError(
+        f"`kgrad.func.vmap(randomness='different')` needs a backend that draws random "
+        f"values per mapped example, which the '{backend.name}' backend does not. "
+        f"Received: randomness='different'. Pass one seed per example as a mapped "
+        f"argument instead (e.g. `keras.random.normal(shape, seed=seed_i)`), or use "
+        f"randomness='same'."
+    )

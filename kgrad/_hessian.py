@@ -75,6 +75,13 @@ def hessian(
     return _compiled.call("hessian", _hessian, model, {"x": x, "y": y}, options)
 
 
+def _float_output(req, args):
+    out = req.selected_output(args)
+    _errors.check_float_output(out)
+    return out
+
+
+@_errors.model_level
 def _hessian(req: _engine.Request, arrays, options):
     per_sample, chunk_size = options["per_sample"], options["chunk_size"]
     args = req.args()
@@ -112,10 +119,10 @@ def _hessian(req: _engine.Request, arrays, options):
                 first = func.grad(scalar)  # (B, *feat)
             else:
                 if per_sample:
-                    summed = lambda v, sub=sub: ops.sum(req.selected_output(sub(v)), axis=0)
+                    summed = lambda v, sub=sub: ops.sum(_float_output(req, sub(v)), axis=0)
                     first = func.jacrev(summed) if out_rank else func.grad(summed)
                 else:
-                    first = func.jacrev(lambda v, sub=sub: req.selected_output(sub(v)))
+                    first = func.jacrev(lambda v, sub=sub: _float_output(req, sub(v)))
             feat = tuple(leaf.shape[1:])
             n_feat = math.prod(feat)
             if per_sample:
@@ -195,6 +202,7 @@ def hvp(
     )
 
 
+@_errors.model_level
 def _hvp(req: _engine.Request, arrays, options):
     wrt, vector = options["wrt"], arrays["vector"]
     if not req.has_loss:

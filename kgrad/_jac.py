@@ -170,6 +170,133 @@ def _per_sample_hessian_rows(g, x, chunk_size=None):
     return ops.transpose(rows_, perm)
 
 
+def _pack_like(struct, flat):
+    """``tree.pack_sequence_as(struct, flat)`` with dict keys in ``struct``'s order.
+
+    ``keras.tree`` packs dicts in sorted key order; ``torch.func`` needs tangents
+    with exactly the primals' structure, key order included.
+    """
+    packed = tree.pack_sequence_as(struct, flat)
+
+    def reorder(template, value):
+        if isinstance(template, dict):
+            return {k: reorder(template[k], value[k]) for k in template}
+        if isinstance(template, (list, tuple)) and not hasattr(template, "shape"):
+            return type(template)(reorder(t, v) for t, v in zip(template, value))
+        return value
+
+    return reorder(struct, packed)
+
+
+def _split_columns(cols, leaves, lead):
+    """Splits ``cols`` (n_total, ...) into one (size_i, ...) piece per leaf.
+
+    ``lead`` is how many leading axes of each leaf are not differentiated
+    (1 for a per-sample batch axis), so leaf ``i`` owns ``prod(shape[lead:])``
+    consecutive directions.
+    """
+    sizes = [math.prod(tuple(leaf.shape)[lead:]) for leaf in leaves]
+    pieces, start = [], 0
+    for n in sizes:
+        pieces.append(cols[start : start + n])
+        start += n
+    return pieces
+
+
+def _pytree_tangents(leaves, rows, lead, batch=None):
+    """One-hot tangents for directions ``rows`` over every leaf at once.
+
+    Direction ``k`` is one-hot at feature ``k`` of the concatenated features
+    ``leaf.shape[lead:]`` of all leaves; with ``lead == 1`` it is broadcast over
+    the batch axis (size ``batch``). Returns one (len(rows), *leaf.shape) tensor
+    per leaf.
+    """
+    tangents, start = [], 0
+    for leaf in leaves:
+        feat = tuple(leaf.shape)[lead:]
+        n = math.prod(feat)
+        # Directions outside this leaf are zero here (no negative one_hot indices).
+        hot = ops.equal(
+            ops.expand_dims(ops.arange(rows.start, rows.stop) - start, 1),
+            ops.expand_dims(ops.arange(n), 0),
+        )
+        one = ops.reshape(ops.cast(hot, leaf.dtype), (len(rows), *feat))
+        if lead:
+            one = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), batch, *feat))
+        tangents.append(one)
+        start += n
+    return tangents
+
+
+def pytree_jacfwd(f, struct, per_sample, chunk_size=None):
+    """Forward-mode Jacobians of ``f`` (pytree -> tensor) for every leaf of ``struct``.
+
+    All leaves are differentiated together: each direction is one-hot in one
+    leaf, so the (mapped) forward pass runs once for all of them, not once per
+    leaf. With ``per_sample`` every leaf is batch-first (B, *feat), the output
+    is batch-first and rows depend on their own sample only; the tangents are
+    broadcast over the batch, so one direction per feature gives every
+    sample's column. Returns a list of (B, *out, *feat) per leaf, or
+    (*out, *leaf.shape) without ``per_sample``.
+    """
+    leaves = tree.flatten(struct)
+    lead = 1 if per_sample else 0
+    batch = ops.shape(leaves[0])[0] if per_sample else None
+    total = sum(math.prod(tuple(leaf.shape)[lead:]) for leaf in leaves)
+    chunk = chunk_size or total
+    pieces = []
+    for start in range(0, total, chunk):
+        rows = range(start, min(start + chunk, total))
+        tangents = _pack_like(struct, _pytree_tangents(leaves, rows, lead, batch))
+        pieces.append(batched_map(lambda t: func.jvp(f, (struct,), (t,))[1], tangents))
+    cols = ops.concatenate(pieces, axis=0)  # (total, *out) or (total, B, *out)
+    rank = len(cols.shape)
+    results = []
+    for leaf, part in zip(leaves, _split_columns(cols, leaves, lead)):
+        moved = ops.transpose(part, (*range(1, rank), 0))  # (..., size)
+        results.append(ops.reshape(moved, (*ops.shape(moved)[:-1], *tuple(leaf.shape)[lead:])))
+    return results
+
+
+def pytree_jacrev(out, pullback, struct, per_sample, chunk_size=None):
+    """Reverse-mode Jacobians of an output for every leaf of ``struct`` at once.
+
+    ``out`` and ``pullback`` come from one ``func.vjp`` over the whole pytree,
+    so the forward pass runs once for all leaves. With ``per_sample`` the
+    output is batch-first (B, *rows) and rows depend on their own sample only:
+    the cotangent one-hot at row ``r`` in every sample pulls back to every
+    sample's row ``r``. Returns a list of (B, *rows, *feat) per leaf, or
+    (*out, *leaf.shape) without ``per_sample``.
+    """
+    leaves = tree.flatten(struct)
+    out_shape = tuple(out.shape)
+    rows_shape = out_shape[1:] if per_sample else out_shape
+    n = math.prod(rows_shape)
+    if n == 1:  # one row: a single pull, no batching
+        pulled = tree.flatten(pullback(ops.ones_like(out))[0])
+        return [
+            ops.reshape(g, (ops.shape(leaf)[0], *rows_shape, *tuple(leaf.shape)[1:]))
+            if per_sample
+            else ops.reshape(g, (*out_shape, *ops.shape(leaf)))
+            for g, leaf in zip(pulled, leaves)
+        ]
+    chunk = chunk_size or n
+    pieces = []
+    for start in range(0, n, chunk):
+        rows = range(start, min(start + chunk, n))
+        cot = _basis(rows_shape, out.dtype, rows)  # (c, *rows)
+        if per_sample:
+            c = len(rows)
+            cot = ops.broadcast_to(ops.expand_dims(cot, 1), (c, *ops.shape(out)))
+        pieces.append(batched_map(lambda c: tree.flatten(pullback(c)[0]), cot))
+    results = []
+    for i, leaf in enumerate(leaves):
+        flat = ops.concatenate([p[i] for p in pieces], axis=0)  # (n, *leaf.shape)
+        jac = ops.reshape(flat, (*rows_shape, *ops.shape(leaf)))
+        results.append(move_batch_first(jac, len(rows_shape)) if per_sample else jac)
+    return results
+
+
 def move_batch_first(j, n_out):
     """(*out, B, *feat) -> (B, *out, *feat)."""
     rank = len(j.shape)

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from kgrad import _compiled, _engine, _errors, _jac, _memory
-from kgrad._results import (
-    _check_batch_first,
-    _itemsize,
-    _output_for_shape,
-    _result,
-    _substitute,
-)
+from kgrad import _compiled, _engine, _errors, _jac, _memory, func
+from kgrad._results import _check_batch_first, _itemsize, _output_for_shape, _result
 
 ops = keras.ops
 tree = keras.tree
@@ -90,57 +84,80 @@ def jacobian(
     return _compiled.call("jacobian", _jacobian, model, {"x": x}, options)
 
 
+def _single_output(out, of, target):
+    if not hasattr(out, "shape"):
+        raise ValueError(
+            "`kgrad.jacobian` needs a single output tensor, but the output is a "
+            f"{type(out).__name__}. Received: of={of!r}, target={target!r}. Select one "
+            "output with `of=` or `target=lambda y: y[...]`."
+        )
+    _errors.check_float_output(out)
+    return out
+
+
+@_errors.model_level
 def _jacobian(req: _engine.Request, arrays, options):
+    """Every leaf of a ``wrt`` kind is differentiated together: one vjp (or one
+    mapped jvp) over the kind's whole pytree, so the model runs once per kind,
+    and the primal output gives the shapes."""
     of, target = options["of"], options["target"]
     per_sample, mode, chunk_size = options["per_sample"], options["mode"], options["chunk_size"]
     args = req.args()
-    probe_out = _output_for_shape(req, args, per_sample)
-    if not hasattr(probe_out, "shape"):
-        raise ValueError(
-            "`kgrad.jacobian` needs a single output tensor, but the output is a "
-            f"{type(probe_out).__name__}. Received: of={of!r}, target={target!r}. Select one "
-            "output with `of=` or `target=lambda y: y[...]`."
-        )
-    out_shape = tuple(probe_out.shape)
-    _check_batch_first(req, out_shape, "jacobian", per_sample)
     per_kind = {}
     for kind in req.wrt:
-        if kind in _engine.BATCHED and per_sample:
+        batched = kind in _engine.BATCHED and per_sample
+        if batched:
             req.check_per_sample(
                 "Jacobians with per_sample=True", "pass `per_sample=False` (the full Jacobian)"
             )
-        leaves_struct = args[kind]
-        flat = tree.flatten(leaves_struct)
-        results = []
-        batched = kind in _engine.BATCHED and per_sample
-        for i, leaf in enumerate(flat):
+        struct = args[kind]
+        leaves = tree.flatten(struct)
 
-            def selected(v, i=i, kind=kind, struct=leaves_struct, flat=flat):
-                return req.selected_output(_substitute(args, kind, struct, flat, i, v))
+        def selected(v, kind=kind):
+            return _single_output(req.selected_output({**args, kind: v}), of, target)
 
-            rows = out_shape[1:] if batched else out_shape
-            wrt_feat = tuple(leaf.shape[1:]) if batched else tuple(leaf.shape)
-            n_out, n_in = _jac.static_size(rows), _jac.static_size(wrt_feat)
-            m = _choose_mode(mode, n_in, n_out)
-            result_shape = (*out_shape, *wrt_feat)
-            n_dirs = (n_out if m == "rev" else n_in) or 1
-            chunk = min(chunk_size or n_dirs, n_dirs)
-            itemsize = _itemsize(leaf)
-            # In flight: one output-sized and one input-sized tensor per direction.
-            in_flight = (
-                chunk
-                * itemsize
-                * (_memory.known_size(out_shape) + _memory.known_size(tuple(leaf.shape)))
+        wrt_feats = [tuple(leaf.shape[1:]) if batched else tuple(leaf.shape) for leaf in leaves]
+        n_in = _jac.static_size((sum(_jac.static_size(f) or 0 for f in wrt_feats),))
+        if any(_jac.static_size(f) is None for f in wrt_feats):
+            n_in = None
+        out = pullback = None
+        if mode != "fwd":  # the primal output gives the shapes; reverse mode reuses it
+            out, pullback = func.vjp(selected, struct)
+            out_shape = tuple(out.shape)
+        else:
+            out_shape = tuple(_output_for_shape(req, args, per_sample).shape)
+        _check_batch_first(req, out_shape, "jacobian", per_sample)
+        rows = out_shape[1:] if batched else out_shape
+        n_out = _jac.static_size(rows)
+        m = _choose_mode(mode, n_in, n_out)
+        n_dirs = (n_out if m == "rev" else n_in) or 1
+        chunk = min(chunk_size or n_dirs, n_dirs)
+        itemsize = _itemsize(leaves[0]) if leaves else 4
+        # In flight: one output-sized and one input-sized tensor per direction.
+        in_flight = (
+            chunk
+            * itemsize
+            * (
+                _memory.known_size(out_shape)
+                + sum(_memory.known_size(tuple(leaf.shape)) for leaf in leaves)
             )
-            _memory.check("Jacobian", [result_shape], in_flight, itemsize, "jacobian")
-            if batched and m == "fwd":
-                jac = _jac.per_sample_jacfwd(selected, leaf, chunk_size)
-            elif batched:
-                summed = lambda v, selected=selected: ops.sum(selected(v), axis=0)
-                jac = _jac.jacobian(summed, leaf, mode="rev", chunk_size=chunk_size)
-                jac = _jac.move_batch_first(jac, len(rows))
+        )
+        result_shapes = [(*out_shape, *feat) for feat in wrt_feats]
+        _memory.check("Jacobian", result_shapes, in_flight, itemsize, "jacobian")
+        if m == "fwd":
+            if n_in is None:
+                if chunk_size is not None:
+                    raise _jac._dynamic_batch_error("A forward-mode Jacobian")
+                jacs = tree.flatten(func.jacfwd(selected)(struct))
             else:
-                jac = _jac.jacobian(selected, leaf, mode=m, chunk_size=chunk_size)
-            results.append(jac)
-        per_kind[kind] = tree.pack_sequence_as(leaves_struct, results)
+                jacs = _jac.pytree_jacfwd(selected, struct, batched, chunk_size)
+        elif n_out is None:  # rows of unknown number (a dynamic batch in a graph)
+            if chunk_size is not None:
+                raise _jac._dynamic_batch_error("A reverse-mode Jacobian")
+            jacs = tree.flatten(func.jacrev(selected)(struct))
+        else:
+            if out is None:
+                out, pullback = func.vjp(selected, struct)
+            jacs = _jac.pytree_jacrev(out, pullback, struct, batched, chunk_size)
+        per_kind[kind] = tree.pack_sequence_as(struct, jacs)
     return _result(req, per_kind)

@@ -25,7 +25,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _compiled, _engine, func
+from kgrad import _compiled, _engine, _errors, func
 from kgrad._hessian import hessian, hvp
 from kgrad._jacobian import jacobian
 from kgrad._results import _objective_check, _result
@@ -77,6 +77,7 @@ def value_and_grad(
     return _compiled.call("value_and_grad", _value_and_grad, model, {"x": x, "y": y}, options)
 
 
+@_errors.model_level
 def _value_and_grad(req: _engine.Request, arrays, options):
     _objective_check(req)
     value, g = func.value_and_grad(req.objective)(req.args())
@@ -136,6 +137,7 @@ def grad(
     return _compiled.call("grad", _grad, model, {"x": x, "y": y}, options)
 
 
+@_errors.model_level
 def _grad(req: _engine.Request, arrays, options):
     _objective_check(req)
     return _result(req, func.grad(req.objective)(req.args()))
@@ -147,7 +149,9 @@ class LayerGrad:
 
     Attributes:
         name: the layer's name.
-        index: its position in ``model.layers``.
+        index: its position in ``model.layers``; for a layer inside a nested
+            model (``name`` ``"encoder/dense"``), the position of the top-level
+            layer that contains it (``"encoder"``).
         output: the layer's output (activation) on the batch.
         output_grad: d objective / d output (``None`` for a non-float output or a
             layer that did not run).
@@ -221,6 +225,7 @@ def layer_grad(model, x, y=None, *, loss=None, layers=None, target=None, trainin
     )
 
 
+@_errors.model_level
 def _layer_grad(req: _engine.Request, arrays, options):
     """``{name: (output, output_grad, {short weight name: gradient})}`` in model order."""
     model = req.model
@@ -263,7 +268,7 @@ def _layer_grads(model, raw) -> dict[str, LayerGrad]:
     return {
         name: LayerGrad(
             name=name,
-            index=names.get(name, -1),
+            index=names[name.split("/")[0]],  # nested: the top-level layer holding it
             output=output,
             output_grad=output_grad,
             weight_grads=dict(wgrads),

@@ -21,7 +21,7 @@ import numpy as np
 
 from kgrad import _errors, _model
 from kgrad import backends as _backends
-from kgrad._func_checks import _checked_output, _convert_tree, _differentiate
+from kgrad._func_checks import _checked_output, _convert_tree, _differentiate, _mapped
 
 __all__ = [
     "grad",
@@ -264,7 +264,7 @@ def vjp(f: Callable, *primals: Any, has_aux: bool = False):
     return (result[0], vjp_fn, *result[2:])
 
 
-def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0, randomness: str = "same") -> Callable:
     """Returns ``f`` vectorised over an axis of its arguments.
 
     Args:
@@ -272,9 +272,19 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         in_axes: an int, ``None``, or a tuple with one entry per positional
             argument: the axis to map over (``None`` broadcasts the argument).
         out_axes: where the mapped axis goes in the outputs.
+        randomness: what random ops inside ``f`` (Dropout with
+            ``training=True``, ``keras.random``) draw. ``"same"`` (the default,
+            on every backend): the same values for every example, as JAX does
+            with a key that is not mapped, and as ``torch.func.vmap`` does with
+            ``randomness="same"``. ``"different"``: independent values per
+            example, PyTorch only (elsewhere, map a per-example seed argument).
 
     Returns:
-        The vectorised function. Random ops draw independently per example.
+        The vectorised function.
+
+    Raises:
+        ValueError: for a ``randomness`` other than ``"same"`` or ``"different"``.
+        NotImplementedError: for ``randomness="different"`` on JAX or TensorFlow.
 
     Example:
 
@@ -286,7 +296,7 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
     """
     _errors.check_callable(f, "vmap")
     backend = _backends.load()
-    mapped = backend.vmap(f, in_axes=in_axes, out_axes=out_axes)
+    mapped = _mapped(backend, f, in_axes, out_axes, randomness)
 
     @functools.wraps(f)
     def call(*args):

@@ -309,3 +309,30 @@ def test_central_difference_check_of_a_composite(rng):
 
     g = np_(func.grad(f)(t(x)))
     np.testing.assert_allclose(g, central_diff_grad(f_np, x), rtol=FD_RTOL, atol=FD_ATOL)
+
+
+def test_vmap_randomness_is_the_same_for_every_example_by_default():
+    """One meaning on every backend: an unmapped random op draws once for all rows."""
+    drop = keras.layers.Dropout(0.5, seed=1)
+    x = np.ones((4, 64), "float32")
+    out = np_(func.vmap(lambda r: drop(r, training=True))(x))
+    assert set(np.unique(out)) <= {0.0, 2.0} and 0 < (out[0] == 0).sum() < 64
+    for row in out[1:]:
+        np.testing.assert_array_equal(row, out[0])
+    seeded = np_(func.vmap(lambda r: r + keras.random.uniform((64,), seed=3))(x))
+    for row in seeded[1:]:
+        np.testing.assert_array_equal(row, seeded[0])
+
+
+def test_vmap_randomness_different_or_a_clear_error():
+    drop = keras.layers.Dropout(0.5, seed=1)
+    x = np.ones((4, 64), "float32")
+    mapped = lambda: func.vmap(lambda r: drop(r, training=True), randomness="different")(x)
+    if keras.backend.backend() == "torch":
+        out = np_(mapped())
+        assert any((out[i] != out[0]).any() for i in range(1, 4))
+    else:
+        with pytest.raises(NotImplementedError, match="Received: randomness='different'"):
+            mapped()
+    with pytest.raises(ValueError, match="Received: randomness='sam'.*same"):
+        func.vmap(lambda r: r, randomness="sam")

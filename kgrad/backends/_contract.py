@@ -82,6 +82,7 @@ DEFAULTS = {
     "seeded": _seeded,
     "hvp_mode": "fwd",
     "per_sample_hessian_mode": "fwd",
+    "vmap_randomness": ("same",),
 }
 
 
@@ -124,7 +125,12 @@ class Backend(Protocol):
         """Returns ``g(*args)``: the Jacobian by forward mode, shaped ``out.shape + in.shape``."""
 
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0):
-        """Returns ``f`` mapped over the given axes of its positional arguments."""
+        """Returns ``f`` mapped over the given axes of its positional arguments.
+
+        Random ops draw the same values for every example (``kgrad.func.vmap``'s
+        ``randomness="same"``). A backend listing more modes in
+        ``vmap_randomness`` takes them as a ``randomness`` keyword.
+        """
 
     def jit(self, f: Callable):
         """Returns ``f`` compiled where the framework gains from it, else ``f`` itself."""
@@ -189,3 +195,6 @@ class Hooks(Protocol):
 
     per_sample_hessian_mode: str
     """``"fwd"`` (columns, forward over reverse) or ``"rev"`` (rows) for per-sample Hessians."""
+
+    vmap_randomness: tuple
+    """The ``randomness`` values of ``kgrad.func.vmap`` that ``vmap`` supports (``"same"``)."""

@@ -134,18 +134,25 @@ def value_and_grad(f, argnums=0, has_aux=False):
     return wrapped
 
 
-def vmap(f, in_axes=0, out_axes=0):
-    """``torch.func.vmap``; random ops draw independently per example, as JAX keys would.
+#: The ``randomness`` values :func:`vmap` takes (see ``kgrad.func.vmap``).
+vmap_randomness = ("same", "different")
 
-    A ``jvp`` (or ``jacfwd``) inside the mapped function holds the forward-mode
-    lock while it runs (see ``_forward_ad_lock``), the rest of the map does not.
+
+def vmap(f, in_axes=0, out_axes=0, randomness="same"):
+    """``torch.func.vmap``; random ops draw the same values for every example by default.
+
+    ``randomness="same"`` is what JAX and TensorFlow do with an unmapped seed,
+    so ``kgrad.func.vmap`` means the same on every backend; ``"different"``
+    draws per example. A ``jvp`` (or ``jacfwd``) inside the mapped function
+    holds the forward-mode lock while it runs (see ``_forward_ad_lock``), the
+    rest of the map does not.
     """
     if isinstance(in_axes, list):
         in_axes = tuple(in_axes)
     if isinstance(out_axes, list):
         out_axes = tuple(out_axes)
     return _with_transform_kernels(tf_func.vmap)(
-        f, in_dims=in_axes, out_dims=out_axes, randomness="different"
+        f, in_dims=in_axes, out_dims=out_axes, randomness=randomness
     )
 
 
