@@ -22,21 +22,30 @@ optimizer steps.
   docs); inside ``torch.compile`` that part is kept out of the compiled graph.
 - The cache is per model, held weakly (a model that is deleted takes its
   compiled functions with it) and bounded (least recently used entries go).
+  Its key is a frozen :class:`kgrad._spec.Spec`; a cached call costs a short
+  walk over the layers (to see added layers, new variables and frozen ones),
+  not a rebuild of ``model.variables``.
+- Per-sample calls (``grad``, ``jacobian``, ``hessian`` with respect to inputs
+  or activations, without a loss, ``training=False``) pad the batch to the
+  next power of two by repeating the last sample and cut the results back, so
+  a stream of batch sizes (an epoch's last batch, a dataset of varied sizes)
+  compiles once per power of two, not once per size. Results that sum over
+  samples are never padded. ``KGRAD_BATCH_BUCKETS=0`` turns padding off.
 """
 
 from __future__ import annotations
 
 import collections
+import operator
 import os
 import threading
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import keras
 
-from kgrad import _batches, _engine, _memory
+from kgrad import _batches, _buckets, _engine, _memory, _spec
 from kgrad import backends as _backends
 from kgrad.backends import _contract
 
@@ -117,62 +126,11 @@ def cache_size(model=None) -> int:
 
 
 class _Entry:
-    __slots__ = ("fn", "structure", "variables")
+    __slots__ = ("fn", "unflatten")
 
-    def __init__(self, variables):
+    def __init__(self):
         self.fn = None
-        self.structure = None
-        # Held so that the ids in the cache key cannot be reused by new variables.
-        self.variables = variables
-
-
-def _hashable(value, depth: int = 0):
-    """A hashable stand-in for an option, or raises TypeError.
-
-    Plain functions (a ``lambda`` written inline at the call site is a new
-    object on every call) are keyed on their code, their closure values, their
-    defaults and the module globals they name, so the same lambda reuses its
-    compiled function, while a lambda whose captured value changed does not.
-    A value that cannot be keyed safely (an array in a closure) raises
-    TypeError: the call then runs eagerly, never with stale values.
-    """
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_hashable(v, depth) for v in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _hashable(v, depth)) for k, v in value.items()))
-    if isinstance(value, types.FunctionType) and depth < 3:
-        code = value.__code__
-        cells = tuple(_hashable(c.cell_contents, depth + 1) for c in value.__closure__ or ())
-        names = tuple(
-            (n, _global_key(value.__globals__[n])) for n in code.co_names if n in value.__globals__
-        )
-        defaults = _hashable(tuple(value.__defaults__ or ()), depth + 1)
-        kwdefaults = _hashable(dict(value.__kwdefaults__ or {}), depth + 1)
-        return ("function", code, cells, names, defaults, kwdefaults)
-    if isinstance(value, types.MethodType):
-        return ("method", value.__func__, _hashable(value.__self__, depth + 1))
-    hash(value)
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return (type(value).__name__, value)
-    return ("object", value)  # layers, losses, models, modules: by identity, held by the key
-
-
-def _global_key(value):
-    """A module global named by a keyed function: numbers and strings by value, else identity."""
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return (type(value).__name__, value)
-    hash(value)  # arrays raise TypeError: such a function runs eagerly
-    return ("object", value)
-
-
-def _signature(value):
-    if isinstance(value, dict):
-        return ("dict", *((k, _signature(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_signature(v) for v in value))
-    if value is None:
-        return None
-    return (tuple(value.shape), value.dtype)
+        self.unflatten = None
 
 
 try:
@@ -192,7 +150,7 @@ def _values(variables) -> list:
     return [v._value for v in variables]
 
 
-def _traced(fname, body, model, options, entry) -> Callable:
+def _traced(fname, body, model, options, entry, variables) -> Callable:
     """The function ``f(state, arrays)`` of one signature, for ``compile_call``.
 
     Every variable value is an argument (``state``, aligned with
@@ -210,13 +168,57 @@ def _traced(fname, body, model, options, entry) -> Callable:
             arrays["x"],
             y=arrays.get("y"),
             state=list(state),
+            variables=variables,
             **prepare_kwargs,
         )
         out = body(req, arrays, options)
-        entry.structure = tree.map_structure(lambda _: 0, out)
+        entry.unflatten = _unflattener(tree.map_structure(lambda _: 0, out))
         return tree.flatten(out)
 
     return traced
+
+
+def _convert(arrays: dict, convert) -> dict:
+    out = {}
+    for k, v in arrays.items():
+        if v is None:
+            out[k] = None
+        elif hasattr(v, "shape"):
+            out[k] = convert(v)
+        else:
+            out[k] = tree.map_structure(convert, v)
+    return out
+
+
+def _unflattener(structure) -> Callable:
+    """``lambda flat: tree.pack_sequence_as(structure, flat)``, the common shapes done directly.
+
+    The direct form is used only where it gives what ``tree`` gives on the
+    positions ``0..n-1`` (``tree.flatten`` orders dict keys).
+    """
+
+    def generic(flat):
+        return tree.pack_sequence_as(structure, list(flat))
+
+    fast = None
+    if structure == 0:
+        fast = operator.itemgetter(0)
+    elif type(structure) is dict and all(type(v) is int for v in structure.values()):
+        position = {k: i for i, k in enumerate(sorted(structure))}
+        pairs = [(k, position[k]) for k in structure]
+
+        def fast(flat):
+            return {k: flat[i] for k, i in pairs}
+
+    if fast is not None:
+        probe = list(range(len(tree.flatten(structure))))
+        try:
+            same = fast(probe) == generic(probe)
+        except (TypeError, IndexError):
+            same = False
+        if same:
+            return fast
+    return generic
 
 
 def call(
@@ -236,55 +238,101 @@ def call(
         return _batches.run(
             fname, lambda a: call(fname, body, model, a, options, finish), model, arrays, options
         )
-    _engine.check_x(arrays.get("x"), fname, isinstance(model, keras.layers.Layer))
+    is_layer = isinstance(model, keras.layers.Layer)
+    _engine.check_x(arrays.get("x"), fname, is_layer)
     backend = _backends.load()
-    arrays = {
-        k: None if v is None else tree.map_structure(backend.convert, v) for k, v in arrays.items()
-    }
-    prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
+    arrays = _convert(arrays, backend.convert)
+    hooks = _hooks(backend)
 
     def eager():
+        prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
         req = _engine.prepare(fname, model, arrays["x"], y=arrays.get("y"), **prepare_kwargs)
         return body(req, arrays, options)
 
     def done(out):
         return finish(model, out) if finish else out
 
-    compile_call = _backends.hook("compile_call")
+    compile_call = hooks.compile_call
     if (
-        compile_call is _contract.DEFAULTS["compile_call"]  # the backend runs eagerly
-        or not (_enabled and isinstance(model, keras.layers.Layer) and model.built)
-        or _backends.hook("inside_graph")()  # inline: the outer graph holds it all
+        compile_call is None  # the backend runs eagerly
+        or not (_enabled and is_layer and model.built)
+        or hooks.inside_graph()  # inline: the outer graph holds it all
     ):
-        return done(_backends.hook("eager_call")(eager, arrays))
-    variables = list(model.variables)
+        return done(hooks.eager_call(eager, arrays))
+    padded = _buckets.pad(fname, options, arrays)
+    if padded is not None:  # a batch size rounded up: one compiled function per bucket
+        arrays, n = padded
+        finish_padded = done
+
+        def done(out):
+            return finish_padded(_buckets.cut(out, n))
+
     try:
-        key = (
-            fname,
-            _hashable(options),
-            _signature(arrays),
-            tuple(map(id, variables)),
-            tuple(v.trainable for v in variables),  # freezing a layer changes `wrt` weights
-            _memory.get_memory_budget(),
+        spec = _spec.Spec(
+            fname=fname,
+            model=weakref.ref(model),
+            options=_spec.options_key(options),
+            signature=_spec.signature(arrays),
+            # Holds the variables in order with their `trainable` flags: freezing a
+            # layer changes the `wrt` weights, adding one changes the state layout.
+            variables=_spec.structure(model).current(model),
+            memory_budget=_memory.get_memory_budget(),
             # `y` without `loss` uses the compiled loss, which `compile()` replaces;
             # the key holds the object, so its identity cannot be reused.
-            _hashable(getattr(model, "_compile_loss", None)) if arrays.get("y") is not None else 0,
+            compiled_loss=_spec.hashable(getattr(model, "_compile_loss", None))
+            if arrays.get("y") is not None
+            else 0,
         )
+        entries = _cache.get(model)
+        entry = None if entries is None else entries.get(spec)  # hashes the key
     except (TypeError, AttributeError):  # unhashable option (e.g. an array as `target`)
-        return done(_backends.hook("eager_call")(eager, arrays))
+        return done(hooks.eager_call(eager, arrays))
+    variables = spec.variables.items
+    if entry is None or entry.fn is None:
+        entry = _entry(model, spec, fname, body, options, compile_call)
+    else:
+        try:
+            entries.move_to_end(spec)  # least recently used entries go first
+        except KeyError:  # dropped by another thread meanwhile
+            pass
+    flat = entry.fn(_values(variables), arrays)
+    return done(entry.unflatten(flat))
+
+
+def _entry(model, spec, fname, body, options, compile_call) -> _Entry:
+    """The cache entry of ``spec``, made and compiled on first use."""
     with _lock:
         entries = _cache.get(model)
         if entries is None:
             entries = _cache[model] = collections.OrderedDict()
-        entry = entries.get(key)
+        entry = entries.get(spec)
         if entry is None:
-            entry = entries[key] = _Entry(variables)
+            entry = entries[spec] = _Entry()
             while len(entries) > MAX_ENTRIES_PER_MODEL:
                 entries.popitem(last=False)
-        else:
-            entries.move_to_end(key)
         if entry.fn is None:
-            entry.fn = compile_call(_traced(fname, body, model, options, entry))
-        fn = entry.fn
-    flat = fn(_values(variables), arrays)
-    return done(tree.pack_sequence_as(entry.structure, list(flat)))
+            traced = _traced(fname, body, model, options, entry, spec.variables.items)
+            entry.fn = compile_call(traced)
+        return entry
+
+
+class _Hooks:
+    __slots__ = ("compile_call", "inside_graph", "eager_call")
+
+    def __init__(self, backend):
+        compile_call = _backends.hook("compile_call")
+        self.compile_call = (
+            None if compile_call is _contract.DEFAULTS["compile_call"] else (compile_call)
+        )
+        self.inside_graph = _backends.hook("inside_graph")
+        self.eager_call = _backends.hook("eager_call")
+
+
+_hooks_of: dict = {}
+
+
+def _hooks(backend) -> _Hooks:
+    hooks = _hooks_of.get(backend.name)
+    if hooks is None:
+        hooks = _hooks_of[backend.name] = _Hooks(backend)
+    return hooks

@@ -30,7 +30,7 @@ def _reorder(template, value):
 
 def _package(req: _engine.Request, kind: str, value):
     """Shapes one result as the API promises."""
-    value = _reorder(req.args_template[kind], value)
+    value = _reorder(req.template(kind), value)
     if kind == "activations" and req.single_layer:
         return value[req.act_names[0]]
     return value

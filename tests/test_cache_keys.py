@@ -4,6 +4,7 @@ References are NumPy backprop of a one-layer tanh model,
 ``y = tanh(x @ W + b)``: ``d sum(y) / dW = x.T @ (1 - y**2)``.
 """
 
+import dataclasses
 import logging
 
 import keras
@@ -129,3 +130,95 @@ def test_ordinary_calls_do_not_warn_about_retracing(rng, caplog):
             kgrad.hvp(model, xs, ops.ones_like(xs), wrt="inputs")
             kgrad.layer_grad(model, xs, ys, loss="mse")
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def _np_input_grad(x, layers):
+    """d sum(model(x)) / dx per sample for a chain of tanh Dense layers (NumPy backprop)."""
+    acts = [x.astype("float64")]
+    for w, b in layers:
+        acts.append(np.tanh(acts[-1] @ w + b))
+    upstream = np.ones_like(acts[-1])
+    for (w, _), out in zip(reversed(layers), reversed(acts[1:])):
+        upstream = ((1 - out**2) * upstream) @ w.T
+    return upstream
+
+
+def _kernels(layers):
+    return [(np.asarray(layer.kernel), np.asarray(layer.bias)) for layer in layers]
+
+
+def test_a_layer_added_after_cached_calls_is_seen(rng):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh")])
+    x = rng.normal(size=(5, 3)).astype("float32")
+    for _ in range(2):  # the second call is a cached one
+        g = np_(kgrad.grad(model, x))
+    np.testing.assert_allclose(g, _np_input_grad(x, _kernels(model.layers)), rtol=1e-4, atol=1e-5)
+    model.add(keras.layers.Dense(2, activation="tanh"))
+    for _ in range(2):
+        g = np_(kgrad.grad(model, x))
+        np.testing.assert_allclose(
+            g, _np_input_grad(x, _kernels(model.layers)), rtol=1e-4, atol=1e-5
+        )
+
+
+class Outer(keras.Model):
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_a_layer_added_to_a_nested_model_is_seen(rng):
+    # The new layer sits two levels down: the outer model's own lists do not change.
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="tanh")])
+    model = Outer(inner, name="outer")
+    x = rng.normal(size=(4, 3)).astype("float32")
+    model(x)
+    for _ in range(2):
+        g = kgrad.grad(model, x, wrt="weights")
+    assert len(g) == 2
+    inner.add(keras.layers.Dense(3, activation="tanh"))
+    for _ in range(2):
+        g = np_(kgrad.grad(model, x))
+        np.testing.assert_allclose(
+            g, _np_input_grad(x, _kernels(inner.layers)), rtol=1e-4, atol=1e-5
+        )
+    assert len(kgrad.grad(model, x, wrt="weights")) == 4
+
+
+def test_a_variable_frozen_on_its_own_is_seen(rng):
+    # `variable.trainable = False` leaves every layer's flag as it was.
+    model = _model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    kernel = model.get_layer("d").kernel
+    for _ in range(2):
+        assert kernel.path in kgrad.grad(model, x, wrt="weights")
+    kernel.trainable = False
+    try:
+        for _ in range(2):
+            assert sorted(kgrad.grad(model, x, wrt="weights")) == [model.get_layer("d").bias.path]
+    finally:
+        kernel.trainable = True
+    w, b = (np.asarray(v) for v in model.get_layer("d").weights)
+    g = np_(kgrad.grad(model, x, wrt="weights"))[kernel.path]
+    np.testing.assert_allclose(g, _np_kernel_grad(x, w, b), rtol=1e-4, atol=1e-5)
+
+
+def test_the_cache_key_holds_the_variables_not_their_ids(rng):
+    from kgrad import _spec
+
+    model = _model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    for _ in range(2):
+        kgrad.grad(model, x, wrt="weights")
+    if not CACHES:
+        return
+    (spec,) = list(_compiled._cache[model])
+    assert isinstance(spec, _spec.Spec)
+    held = spec.variables.items
+    assert all(a is b for a, b in zip(held, model.variables)) and len(held) == len(model.variables)
+    assert spec.model() is model  # weakly
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.fname = "hessian"

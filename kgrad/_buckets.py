@@ -1,0 +1,84 @@
+"""Batch-size buckets: a stream of batch sizes compiles once per power of two.
+
+Per-sample calls (``grad``, ``jacobian``, ``hessian`` with respect to inputs
+or activations, without ``y``/``loss``, ``training=False``) pad the batch to
+the next power of two by repeating the last sample, and cut the results back
+to the real samples. An epoch's last, smaller batch or a dataset of varied
+sizes then compiles (``jax.jit``, ``tf.function``) once per power of two, not
+once per size. Results that sum over samples (weight gradients, losses) are
+never padded. ``KGRAD_BATCH_BUCKETS=0`` turns padding off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+
+from kgrad import _engine
+from kgrad import backends as _backends
+
+tree = keras.tree
+
+# Functions whose results are per sample (batch axis first) when the options
+# below hold, so that padded samples change nothing but their own rows.
+_PER_SAMPLE_FNAMES = ("grad", "jacobian", "hessian")
+
+
+def bucket(n: int) -> int:
+    """The batch size a call of ``n`` samples is compiled for: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pad(fname: str, options: dict, arrays: dict):
+    """``(arrays with x padded to its bucket, n)``, or None where padding is not sound.
+
+    Padding repeats the last sample, so every value stays finite where the real
+    ones are, and the results are cut back to ``n`` rows. It is used only where
+    every result is per sample: ``grad``, ``jacobian`` and ``hessian`` with
+    respect to inputs or activations, per sample, without ``y``/``loss``, with
+    an index (not a callable) ``target``, and ``training=False``. Samples that
+    interact are refused before any result is made (``check_per_sample``), so
+    no real sample sees a padded one.
+    """
+    if fname not in _PER_SAMPLE_FNAMES or not _enabled:
+        return None
+    if arrays.get("y") is not None or options.get("loss") is not None:
+        return None
+    if options.get("training") or options.get("per_sample", True) is not True:
+        return None
+    if callable(options.get("target")):
+        return None
+    wrt = options.get("wrt", "inputs")
+    kinds = (wrt,) if isinstance(wrt, str) else tuple(wrt) if isinstance(wrt, (list, tuple)) else ()
+    if not kinds or any(k not in _engine.BATCHED for k in kinds):
+        return None
+    leaves = tree.flatten(arrays["x"])
+    if not leaves or not all(len(leaf.shape) for leaf in leaves):
+        return None
+    n = leaves[0].shape[0]
+    if not isinstance(n, int) or n < 1 or any(leaf.shape[0] != n for leaf in leaves):
+        return None
+    size = bucket(n)
+    concrete = _backends.hook("concrete")
+    if size == n or concrete(leaves[0]) is None:  # traced: the caller's own compile decides
+        return None
+
+    def pad(leaf):
+        last = leaf[n - 1 : n]
+        return keras.ops.concatenate([leaf, keras.ops.repeat(last, size - n, axis=0)], axis=0)
+
+    return {**arrays, "x": tree.map_structure(pad, arrays["x"])}, n
+
+
+def cut(out, n: int):
+    """The first ``n`` rows of every result.
+
+    With backend ops, so that an outer tape (a gradient penalty on TensorFlow)
+    still differentiates through them; on JAX each new size compiles these
+    small slices once, much less than compiling the call itself.
+    """
+    return tree.map_structure(lambda leaf: leaf[:n], out)
+
+
+_enabled = os.environ.get("KGRAD_BATCH_BUCKETS", "1").strip().lower() not in ("0", "false", "no")
