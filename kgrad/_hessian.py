@@ -167,8 +167,10 @@ def hvp(
         x: the batch.
         vector: the vector, structured like the ``wrt`` values: a dict keyed by
             ``variable.path`` for weights (a subset of the weights is fine; the
-            others count as zero), like ``x`` for inputs, a dict keyed by layer
-            name for activations.
+            others count as zero; a key with or without the model's name
+            prefix, as a reloaded Sequential has it, is accepted when it names
+            one weight, and the result keeps the given key), like ``x`` for
+            inputs, a dict keyed by layer name for activations.
         wrt: ``"weights"`` (default), ``"inputs"`` or ``"activations"``.
         layers, y, loss, training: as for :func:`grad`.
         target: without a loss, the objective is the sum of these outputs (an
@@ -191,15 +193,46 @@ def hvp(
     if not isinstance(wrt, str):
         raise ValueError(f"`kgrad.hvp` takes one `wrt` kind. Received: wrt={wrt!r}.")
     options = dict(wrt=wrt, layers=layers, target=target, loss=loss, training=training)
-    # `jax.jit` and `jax.jvp` sort dict keys: give the result the vector's key order.
+    given = vector
+    renames = _weight_key_renames(model, vector) if wrt == "weights" else {}
+    if renames:
+        vector = {renames.get(k, k): v for k, v in vector.items()}
+    back = {new: old for old, new in renames.items()}
+
+    def finish(_, hv):
+        # `jax.jit` and `jax.jvp` sort dict keys: give the result the vector's key order,
+        # and the user's own key forms.
+        if back:
+            hv = {back.get(k, k): v for k, v in hv.items()}
+        return _reorder(given, hv)
+
     return _compiled.call(
-        "hvp",
-        _hvp,
-        model,
-        {"x": x, "y": y, "vector": vector},
-        options,
-        finish=lambda _, hv: _reorder(vector, hv),
+        "hvp", _hvp, model, {"x": x, "y": y, "vector": vector}, options, finish=finish
     )
+
+
+def _weight_key_renames(model, vector) -> dict[str, str]:
+    """Vector keys given with or without the model's name prefix -> the model's paths.
+
+    A Sequential saved and loaded again loses its name prefix in ``variable.path``
+    (``net/out/kernel`` becomes ``out/kernel``), so keys of either form are
+    accepted when they name exactly one weight.
+    """
+    if not isinstance(vector, dict) or not hasattr(model, "trainable_variables"):
+        return {}
+    paths = {v.path for v in model.trainable_variables}
+    prefix = f"{getattr(model, 'name', '')}/"
+    renames = {}
+    for key in vector:
+        if not isinstance(key, str) or key in paths:
+            continue
+        candidates = [prefix + key]
+        if key.startswith(prefix):
+            candidates.append(key[len(prefix) :])
+        found = [c for c in candidates if c in paths and c not in vector]
+        if len(found) == 1:
+            renames[key] = found[0]
+    return renames
 
 
 @_errors.model_level

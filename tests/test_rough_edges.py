@@ -69,3 +69,27 @@ def test_layer_grad_weight_paths_join_grad_keys(rng):
         assert set(lg.weight_paths) == set(lg.weight_grads)
         for short, path in lg.weight_paths.items():
             np.testing.assert_allclose(np_(lg.weight_grads[short]), by_path[path], rtol=1e-6)
+
+
+def test_hvp_takes_weight_keys_with_or_without_the_sequential_prefix(tmp_path):
+    """A reloaded Sequential loses its name prefix; hvp takes either key form.
+
+    Closed form: for ``mse(y, x @ W)`` with one output, ``H = 2 X^T X / n``.
+    """
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(1, use_bias=False, name="out")], name="net"
+    )
+    path = tmp_path / "net.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    x = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], "float32")
+    y = np.zeros((3, 1), "float32")
+    v = np.array([[1.0], [-2.0]], "float32")
+    expected = 2 * x.T @ x @ v / 3
+    for m in (model, reloaded):
+        for key in ("net/out/kernel", "out/kernel"):
+            hv = kgrad.hvp(m, x, {key: v}, y=y, loss="mse")
+            assert list(hv) == [key]
+            np.testing.assert_allclose(np_(hv[key]), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not valid here"):
+        kgrad.hvp(model, x, {"other/kernel": v}, y=y, loss="mse")
