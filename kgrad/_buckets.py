@@ -1,12 +1,13 @@
-"""Batch-size buckets: a stream of batch sizes compiles once per power of two.
+"""Batch-size buckets: a stream of batch sizes compiles once per bucket, not per size.
 
 Per-sample calls (``grad``, ``jacobian``, ``hessian`` with respect to inputs
 or activations, without ``y``/``loss``, ``training=False``) pad the batch to
-the next power of two by repeating the last sample, and cut the results back
-to the real samples. An epoch's last, smaller batch or a dataset of varied
-sizes then compiles (``jax.jit``, ``tf.function``) once per power of two, not
-once per size. Results that sum over samples (weight gradients, losses) are
-never padded. ``KGRAD_BATCH_BUCKETS=0`` turns padding off.
+its bucket (:func:`bucket`: a power of two up to 64, then eight steps per
+power of two) by repeating the last sample, and cut the results back to the
+real samples. An epoch's last, smaller batch or a dataset of varied sizes then
+compiles (``jax.jit``, ``tf.function``) at most ``7 + 8 * log2(N / 64)``
+times for sizes up to ``N``, not once per size. Results that sum over samples
+(weight gradients, losses) are never padded. ``KGRAD_BATCH_BUCKETS=0`` turns padding off.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 
 import keras
 
-from kgrad import _engine
+from kgrad import _checks, _engine
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -25,12 +26,29 @@ tree = keras.tree
 _PER_SAMPLE_FNAMES = ("grad", "jacobian", "hessian")
 
 
+# Up to this size, batches round up to a power of two (the work is small, the
+# compile is not); above it, to eight steps per power of two (at most 1/8 more work).
+_POWERS_UP_TO = 64
+
+
 def bucket(n: int) -> int:
-    """The batch size a call of ``n`` samples is compiled for: the next power of two."""
-    return 1 << max(n - 1, 0).bit_length()
+    """The batch size a call of ``n`` samples is compiled for.
+
+    The next power of two up to 64; above, ``n`` rounded up to a multiple of
+    ``2**(n.bit_length() - 4)``, so padding adds less than an eighth of the work
+    and a stream of sizes up to ``N`` compiles at most ``7 + 8 * log2(N / 64)``
+    times.
+
+    >>> [bucket(n) for n in (1, 3, 33, 65, 100, 1000, 4096)]
+    [1, 4, 64, 72, 104, 1024, 4096]
+    """
+    if n <= _POWERS_UP_TO:
+        return 1 << max(n - 1, 0).bit_length()
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
 
-def pad(fname: str, options: dict, arrays: dict):
+def pad(fname: str, model, options: dict, arrays: dict):
     """``(arrays with x padded to its bucket, n)``, or None where padding is not sound.
 
     Padding repeats the last sample, so every value stays finite where the real
@@ -59,6 +77,9 @@ def pad(fname: str, options: dict, arrays: dict):
     n = leaves[0].shape[0]
     if not isinstance(n, int) or n < 1 or any(leaf.shape[0] != n for leaf in leaves):
         return None
+    if isinstance(model, keras.layers.Layer):
+        # Errors about the input's shape must name the shape the user gave.
+        _checks._check_input_shapes(model, arrays["x"], fname)
     size = bucket(n)
     concrete = _backends.hook("concrete")
     if size == n or concrete(leaves[0]) is None:  # traced: the caller's own compile decides

@@ -26,10 +26,10 @@ optimizer steps.
   walk over the layers (to see added layers, new variables and frozen ones),
   not a rebuild of ``model.variables``.
 - Per-sample calls (``grad``, ``jacobian``, ``hessian`` with respect to inputs
-  or activations, without a loss, ``training=False``) pad the batch to the
-  next power of two by repeating the last sample and cut the results back, so
-  a stream of batch sizes (an epoch's last batch, a dataset of varied sizes)
-  compiles once per power of two, not once per size. Results that sum over
+  or activations, without a loss, ``training=False``) pad the batch to its
+  bucket (``_buckets.bucket``) by repeating the last sample and cut the
+  results back, so a stream of batch sizes (an epoch's last batch, a dataset
+  of varied sizes) compiles once per bucket, not once per size. Results that sum over
   samples are never padded. ``KGRAD_BATCH_BUCKETS=0`` turns padding off.
 """
 
@@ -259,7 +259,7 @@ def call(
         or hooks.inside_graph()  # inline: the outer graph holds it all
     ):
         return done(hooks.eager_call(eager, arrays))
-    padded = _buckets.pad(fname, options, arrays)
+    padded = _buckets.pad(fname, model, options, arrays)
     if padded is not None:  # a batch size rounded up: one compiled function per bucket
         arrays, n = padded
         finish_padded = done

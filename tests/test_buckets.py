@@ -27,10 +27,21 @@ def _np_input_grad(model, x):
     return ((1 - h**2) * w2.sum(axis=1)) @ w1.T
 
 
-def test_buckets_are_powers_of_two():
-    assert [_buckets.bucket(n) for n in (1, 2, 3, 4, 5, 7, 8, 9, 32, 33, 40)] == [
-        1, 2, 4, 4, 8, 8, 8, 16, 32, 64, 64,
+def test_buckets_are_powers_of_two_then_eighths():
+    assert [_buckets.bucket(n) for n in (1, 2, 3, 4, 5, 7, 8, 9, 32, 33, 40, 64)] == [
+        1, 2, 4, 4, 8, 8, 8, 16, 32, 64, 64, 64,
     ]  # fmt: skip
+    for n in range(65, 5000):  # less than an eighth more work, a bounded number of sizes
+        b = _buckets.bucket(n)
+        assert n <= b < n * 9 / 8 and _buckets.bucket(b) == b
+    assert len({_buckets.bucket(n) for n in range(1, 4097)}) <= 7 + 8 * 6
+
+
+def test_an_input_without_batch_axis_is_reported_with_its_own_shape():
+    """The input check runs before any padding (the message names the shape given)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"Received: x with shape \(3,\)"):
+        kgrad.grad(model, np.ones(3, "float32"))
 
 
 @pytest.mark.skipif(not COMPILES, reason="torch runs eagerly with torch.func")
