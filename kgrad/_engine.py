@@ -231,6 +231,7 @@ def _discover(req: Request) -> None:
         if req.of is not None:
             watch.check_called_once([req.of_key])
         outputs = watch.outputs
+    skipped = []
     for name in names:
         out = outputs.get(name)
         if out is None or not all(_checks._is_float(leaf) for leaf in tree.flatten(out)):
@@ -242,6 +243,14 @@ def _discover(req: Request) -> None:
                     f"Layer '{name}' has no float output to differentiate with respect to. "
                     f"Received: layers={name!r}. Choose a layer with a float output."
                 )
+            skipped.append(name)
             continue
         req.act_names.append(name)
         req.probe_like[name] = out
+    if skipped and req.layers_given:  # `layers=None` (every layer) leaves them out
+        raise ValueError(
+            f"`layers` lists layers with no float output in this call: {skipped} (not "
+            f"called by the model's forward pass, or an integer or boolean output). "
+            f"Received: layers={req.layers_spec!r}. Leave them out of the list, or pass "
+            f"`layers=None` for every layer that has a float output."
+        )

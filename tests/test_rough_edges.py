@@ -93,3 +93,31 @@ def test_hvp_takes_weight_keys_with_or_without_the_sequential_prefix(tmp_path):
             np.testing.assert_allclose(np_(hv[key]), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not valid here"):
         kgrad.hvp(model, x, {"other/kernel": v}, y=y, loss="mse")
+
+
+def test_a_listed_layer_without_a_float_output_is_an_error():
+    """A listed layer that the forward pass never calls is named, not dropped.
+
+    """
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.h = keras.layers.Dense(4, name="h")
+            self.out = keras.layers.Dense(2, name="out")
+            self.spare = keras.layers.Dense(2, name="spare")  # tracked, never called
+
+        def call(self, x):
+            return self.out(self.h(x))
+
+    model = Net()
+    model.spare.build((None, 3))
+    x = np.ones((2, 3), "float32")
+    model(x)
+    with pytest.raises(ValueError, match=r"no float output in this call: \['spare'\]"):
+        kgrad.grad(model, x, wrt="activations", layers=["h", "spare"])
+    out = kgrad.grad(model, x, wrt="activations", layers=["h", "out"])
+    assert list(out) == ["h", "out"]
+    # d sum(out) / d h = the row sums of out's kernel, for every sample.
+    expected = np.tile(np_(model.out.kernel).sum(axis=1), (2, 1))
+    np.testing.assert_allclose(np_(out["h"]), expected, rtol=1e-5, atol=1e-6)
