@@ -144,6 +144,13 @@ def prepare(
             f"`loss` was given without targets. Received: loss={loss!r}, y=None. Pass the "
             f"targets as `y=`."
         )
+    if target is not None and (y is not None or loss is not None):
+        raise ValueError(
+            f"`target` picks the outputs to sum when there is no loss; with `y`/`loss` the "
+            f"objective is the loss, so `target` would be ignored. Received: target={target!r} "
+            f"with {'y' if y is not None else 'loss'} given. Pass either `target` or "
+            f"`y`/`loss`; to weigh some outputs in a loss, write it as a callable `loss=`."
+        )
     if "inputs" in kinds:
         _checks._check_inputs(model, x, fname)
     if is_keras:

@@ -96,9 +96,7 @@ def test_hvp_takes_weight_keys_with_or_without_the_sequential_prefix(tmp_path):
 
 
 def test_a_listed_layer_without_a_float_output_is_an_error():
-    """A listed layer that the forward pass never calls is named, not dropped.
-
-    """
+    """A listed layer that the forward pass never calls is named, not dropped."""
 
     class Net(keras.Model):
         def __init__(self):
@@ -121,3 +119,18 @@ def test_a_listed_layer_without_a_float_output_is_an_error():
     # d sum(out) / d h = the row sums of out's kernel, for every sample.
     expected = np.tile(np_(model.out.kernel).sum(axis=1), (2, 1))
     np.testing.assert_allclose(np_(out["h"]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fname", ["grad", "hessian", "hvp", "layer_grad"])
+def test_target_with_a_loss_is_an_error_not_ignored(fname):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    x, y = np.ones((2, 3), "float32"), np.zeros((2, 2), "float32")
+    vector = {v.path: np.ones(v.shape, "float32") for v in model.trainable_variables}
+    calls = {
+        "grad": lambda: kgrad.grad(model, x, y=y, loss="mse", target=0),
+        "hessian": lambda: kgrad.hessian(model, x, y=y, loss="mse", target=0),
+        "hvp": lambda: kgrad.hvp(model, x, vector, y=y, loss="mse", target=0),
+        "layer_grad": lambda: kgrad.layer_grad(model, x, y, loss="mse", target=0),
+    }
+    with pytest.raises(ValueError, match=r"target.*ignored.*Received: target=0"):
+        calls[fname]()
