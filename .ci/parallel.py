@@ -7,7 +7,8 @@ does the work of the jax, tensorflow, torch and cross envs::
 
 runs ``pytest -p no:cacheprovider PYTEST ARGS`` once with each of
 ``KERAS_BACKEND=jax``, ``tensorflow`` and ``torch`` and, with ``--cross``, the
-cross env's commands (``kgrad compare``, then ``kgrad compare --zoo``). Options
+cross env's two commands (``kgrad compare --zoo`` and ``kgrad compare``, a part
+each, so that the two CPUs stay busy to the end). Options
 are read up to the first argument that is not one of them; the rest goes to
 pytest. Up to N parts (default: the number of CPUs) run at a time, started in
 the order above. Each part's output goes to a file (in DIR, default a
@@ -27,8 +28,8 @@ import tempfile
 import time
 
 BACKENDS = ("jax", "tensorflow", "torch")
-# The cross env's commands (tox.ini), run one after the other.
-CROSS = (["kgrad", "compare"], ["kgrad", "compare", "--zoo"])
+# The cross env's commands (tox.ini), each a part of its own: (name, command).
+CROSS = (("zoo", ["kgrad", "compare", "--zoo"]), ("compare", ["kgrad", "compare"]))
 HEARTBEAT_S = 300  # a line saying what still runs, this often
 # pytest's exit statuses other than 0 (all passed) and 1 (some failed).
 PYTEST_EXIT = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
@@ -71,9 +72,10 @@ def _parts(cross: bool, pytest_args: list[str]) -> list[tuple[str, list[list[str
     parts = [(backend, [pytest], {"KERAS_BACKEND": backend}) for backend in BACKENDS]
     if cross:
         kgrad = _executable("kgrad")
-        commands = [[kgrad, *command[1:]] for command in CROSS]
-        # The progress bar redraws itself; in a log file that is one line per update.
-        parts.append(("cross", commands, {"KERAS_BACKEND": "jax", "KGRAD_PROGRESS": "0"}))
+        for name, command in CROSS:
+            # Progress lines would only fill the log.
+            env = {"KERAS_BACKEND": "jax", "KGRAD_PROGRESS": "0"}
+            parts.append((name, [[kgrad, *command[1:]]], env))
     return parts
 
 
