@@ -77,19 +77,20 @@ def pad(fname: str, model, options: dict, arrays: dict):
     n = leaves[0].shape[0]
     if not isinstance(n, int) or n < 1 or any(leaf.shape[0] != n for leaf in leaves):
         return None
-    if isinstance(model, keras.layers.Layer):
-        # Errors about the input's shape must name the shape the user gave.
-        _checks._check_input_shapes(model, arrays["x"], fname)
     size = bucket(n)
     concrete = _backends.hook("concrete")
     if size == n or concrete(leaves[0]) is None:  # traced: the caller's own compile decides
         return None
+    if isinstance(model, keras.layers.Layer):
+        # Errors about the input's shape must name the shape the user gave (unpadded
+        # calls get the same check when they are traced).
+        _checks._check_input_shapes(model, arrays["x"], fname)
 
-    def pad(leaf):
+    def pad_leaf(leaf):
         last = leaf[n - 1 : n]
         return keras.ops.concatenate([leaf, keras.ops.repeat(last, size - n, axis=0)], axis=0)
 
-    return {**arrays, "x": tree.map_structure(pad, arrays["x"])}, n
+    return {**arrays, "x": tree.map_structure(pad_leaf, arrays["x"])}, n
 
 
 def cut(out, n: int):
