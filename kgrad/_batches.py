@@ -29,6 +29,7 @@ ops = keras.ops
 tree = keras.tree
 
 _PER_SAMPLE_ONLY = ("jacobian",)
+_OPERATORS = ("partial", "laplacian", "divergence", "taylor")
 
 
 def is_batches(x: Any) -> bool:
@@ -149,6 +150,8 @@ def _combine(fname, options, results, scales):
                 weight_paths=first.weight_paths,
             )
         return out
+    if fname in _OPERATORS:  # every result is per sample
+        return tree.map_structure(lambda *ls: ops.concatenate(ls, axis=0), *results)
     kinds, single = _engine._normalize_wrt(options["wrt"], fname)
     if fname == "value_and_grad":
         values = _sum([r[0] for r in results], scales)

@@ -23,7 +23,7 @@ tree = keras.tree
 
 # Functions whose results are per sample (batch axis first) when the options
 # below hold, so that padded samples change nothing but their own rows.
-_PER_SAMPLE_FNAMES = ("grad", "jacobian", "hessian")
+_PER_SAMPLE_FNAMES = ("grad", "jacobian", "hessian", "partial", "laplacian", "divergence")
 
 
 # Up to this size, batches round up to a power of two (the work is small, the

@@ -52,7 +52,7 @@ from kgrad.backends import _contract
 tree = keras.tree
 
 MAX_ENTRIES_PER_MODEL = 32
-_PREPARE_KEYS = ("wrt", "layers", "of", "target", "loss", "training")
+_PREPARE_KEYS = ("wrt", "layers", "of", "target", "loss", "training", "input")
 
 _lock = threading.RLock()
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

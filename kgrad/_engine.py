@@ -103,12 +103,14 @@ def prepare(
     training=False,
     state=None,
     variables=None,
+    input=None,
 ) -> Request:
     """Validates a model-level call and returns its :class:`Request`.
 
     ``state`` (values aligned with ``variables``, by default ``model.variables``)
     replaces every variable read; compiled functions pass it so that weights are
-    arguments.
+    arguments. ``input`` (the differential operators' choice of one input of a
+    multi-input model) narrows the float check of ``wrt="inputs"`` to that input.
     """
     backend = _backends.load()
     kinds, single = _normalize_wrt(wrt, fname)
@@ -152,7 +154,12 @@ def prepare(
             f"`y`/`loss`; to weigh some outputs in a loss, write it as a callable `loss=`."
         )
     if "inputs" in kinds:
-        _checks._check_inputs(model, x, fname)
+        checked = x
+        if input is not None:
+            from kgrad._operator_args import resolve_input
+
+            checked = tree.flatten(x)[resolve_input(model, x, input, fname)]
+        _checks._check_inputs(model, checked, fname)
     if is_keras:
         _checks._check_input_shapes(model, x, fname)
         _checks._check_batch_sizes(x, y, fname)

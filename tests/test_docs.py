@@ -3,6 +3,7 @@
 import pathlib
 import textwrap
 
+import numpy as np
 import pytest
 
 import kgrad
@@ -100,3 +101,18 @@ def test_backend_notes_example_runs(capsys):
     _run_guide("backends.md")
     out = capsys.readouterr().out
     assert "0.666" in out and "-0.222" not in out  # the diagonal only: the documented bug
+
+
+def test_pinn_guide_runs(capsys):
+    # Heat, Poisson and beam problems trained through kgrad's operators in `fit`,
+    # each to a stated error against its closed-form solution.
+    scope = _run_guide("pinn.md")
+    out = capsys.readouterr().out
+    assert scope["heat_error"] < 0.05, out
+    assert scope["poisson_error"] < 0.15, out
+    assert scope["beam_error"] < 0.25, out
+    assert "5 True" in out
+    # The stochastic Laplacian: one estimate within 0.6, the mean of 20 within 0.2.
+    assert scope["relative"] < 0.6 and scope["mean_error"] < 0.2, out
+    losses = scope["losses"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], out

@@ -31,6 +31,17 @@ def _losses():
         "layer_grad": lambda m, x: ops.mean(
             kgrad.layer_grad(m, x, layers="h")["h"].output_grad ** 2
         ),
+        "laplacian": lambda m, x: ops.mean(kgrad.laplacian(m, x) ** 2),
+        "laplacian_stochastic": lambda m, x: ops.mean(
+            kgrad.laplacian(m, x, method="stochastic", samples=2, seed=0) ** 2
+        ),
+        "partial": lambda m, x: sum(
+            ops.mean(p**2) for p in kgrad.partial(m, x, {"t": (0,), "xx": (1, 1)}).values()
+        ),
+        "divergence": lambda m, x: ops.mean(kgrad.divergence(m, x, of="h") ** 2),
+        "taylor": lambda m, x: sum(
+            ops.mean(t**2) for t in kgrad.taylor(m, x, ops.ones((3,)), 3)[1:]
+        ),
     }
 
 
@@ -126,6 +137,12 @@ def test_tf_function_with_a_none_batch_axis_matches_eager(rng):
             k: (v.output, v.output_grad, v.weight_grads)
             for k, v in kgrad.layer_grad(model, x, y, loss="mse").items()
         },
+        "partial": lambda x, y: kgrad.partial(model, x, {"a": (0,), "b": (1, 2, 2)}),
+        "laplacian": lambda x, y: kgrad.laplacian(model, x),
+        "laplacian_stochastic": lambda x, y: kgrad.laplacian(
+            model, x, method="stochastic", samples=3, seed=1
+        ),
+        "taylor": lambda x, y: kgrad.taylor(model, x, ops.ones((3,)), 4),
     }
     spec = [tf.TensorSpec((None, 3), tf.float32), tf.TensorSpec((None, 2), tf.float32)]
     for name, fn in calls.items():

@@ -68,6 +68,16 @@ def _seeded(seed: int | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _no_taylor(g: Callable, x: Any, v: Any, order: int) -> None:
+    return None
+
+
+def _nested_jvp(f: Callable, primals: tuple, tangents: tuple, has_aux: bool = False, inner=0):
+    from kgrad import func
+
+    return func.jvp(f, primals, tangents, has_aux=has_aux)
+
+
 #: Defaults of the optional hooks (see :class:`Hooks`).
 DEFAULTS = {
     "compile_call": _no_compile,
@@ -83,6 +93,8 @@ DEFAULTS = {
     "hvp_mode": "fwd",
     "per_sample_hessian_mode": "fwd",
     "vmap_randomness": ("same",),
+    "taylor_series": _no_taylor,
+    "nested_jvp": _nested_jvp,
 }
 
 
@@ -189,6 +201,21 @@ class Hooks(Protocol):
 
     def seeded(self, seed: int | None) -> contextlib.AbstractContextManager:
         """A context in which every forward pass starts its random draws from ``seed``."""
+
+    def taylor_series(self, g: Callable, x: Any, v: Any, order: int) -> list | None:
+        """``[g, D_v g, ..., D_v^order g]`` in Taylor mode, or None where it has no rules.
+
+        None (the default's answer) means nested ``jvp``
+        (``kgrad._taylor.nested_series``).
+        """
+
+    def nested_jvp(
+        self, f: Callable, primals: tuple, tangents: tuple, has_aux: bool = False, inner: int = 0
+    ) -> Any:
+        """``jvp`` for one level of nested forward mode with ``inner`` levels inside it.
+
+        The default is ``jvp``; a backend may switch method for nested levels.
+        """
 
     hvp_mode: str
     """``"fwd"`` (forward over reverse) or ``"rev"`` (reverse over reverse) for ``hvp``."""

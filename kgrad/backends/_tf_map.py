@@ -98,6 +98,8 @@ def vmap(f, in_axes=0, out_axes=0):
 
 
 def _moveaxis(x, source, destination):
+    if source == destination:  # also for a result of unknown rank (nested forward mode)
+        return x
     rank = len(x.shape)
     source %= rank
     destination %= rank

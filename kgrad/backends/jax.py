@@ -41,3 +41,22 @@ def concrete(x):
 def eager_scope():
     """Ops on concrete values run at once, also inside a ``jax.jit`` trace."""
     return jax.ensure_compile_time_eval()
+
+
+def taylor_series(g, x, v, order):
+    """``[g, D_v g, ..., D_v^order g]`` by ``jax.experimental.jet`` (Taylor mode).
+
+    Returns None where ``jet`` has no rule for an operation of ``g`` (ReLU's
+    and softplus's custom derivatives, for one) or ``g`` returns several
+    tensors; kgrad then nests ``jax.jvp``.
+    """
+    from jax.experimental import jet
+
+    zeros = jnp.zeros_like(v)
+    try:
+        y0, terms = jet.jet(g, (x,), ((v, *([zeros] * (order - 1))),))
+    except Exception:  # no jet rule (or a rule that leaks a tracer): nest jvp instead
+        return None
+    if not isinstance(y0, jax.Array) or len(terms) != order:
+        return None
+    return [y0, *terms]

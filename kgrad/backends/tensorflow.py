@@ -147,6 +147,21 @@ def _jvp(f, primals, tangents, has_aux, fallback):
     return (value, tangent_out, aux) if has_aux else (value, tangent_out)
 
 
+def nested_jvp(f, primals, tangents, has_aux=False, inner=0):
+    """``jvp`` for one level of nested forward mode (the higher-order operators).
+
+    By two reverse passes (:func:`_jvp_by_two_vjps`) at every level:
+    ``ForwardAccumulator`` nested four deep fails inside TensorFlow (IndexError,
+    SystemError in forwardprop), accumulators mixed with tapes fail eagerly
+    ("returned too few gradients"), and nested tapes also trace several times
+    faster (order 6 of a small model: 0.2 s against 18 s).
+    """
+    primals = [tree.map_structure(convert, p) for p in primals]
+    p_flat = tree.flatten(primals)
+    t_flat = [tf.cast(convert(t), p.dtype) for t, p in zip(tree.flatten(tangents), p_flat)]
+    return _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux)
+
+
 def _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux):
     """``J t`` as the pull-back of ``t`` through the linear map ``u -> J^T u``.
 

@@ -39,6 +39,14 @@ def compute(model, x, y=None, activations=(), hessian=False) -> dict[str, np.nda
             out[f"jacobian/inputs/{k}"] = _np(v)
         if hessian:
             out["hessian/inputs"] = _np(kgrad.hessian(model, x, target=0))
+            # The differential operators (forward mode, a different path on every backend).
+            out["laplacian/inputs"] = _np(kgrad.laplacian(model, x, target=0))
+            index = {"x0": (0,), "x0x1": (0, 1), "x0x0x1": (0, 0, 1), "x1^4": (1,) * 4}
+            for key, d in kgrad.partial(model, x, index, target=0).items():
+                out[f"partial/inputs/{key}"] = _np(d)
+            direction = np.linspace(-1.0, 1.0, int(np.prod(np.shape(x)[1:]))).astype("float32")
+            for k, term in enumerate(kgrad.taylor(model, x, direction, 3, target=0)):
+                out[f"taylor/inputs/{k}"] = _np(term)
     for name in activations:
         out[f"grad/activations/{name}"] = _np(kgrad.grad(model, x, wrt="activations", layers=name))
     for path, g in kgrad.grad(model, x, wrt="weights", y=y, loss=loss).items():
