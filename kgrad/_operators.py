@@ -13,7 +13,7 @@ import math
 
 import keras
 
-from kgrad import _batches, _compiled, _engine, _errors, _jac, _taylor
+from kgrad import _batches, _compiled, _engine, _errors, _forward_laplacian, _jac, _taylor
 from kgrad import _operator_args as _args
 from kgrad._results import _check_batch_first, _output_for_shape, _reorder
 
@@ -50,17 +50,12 @@ def _call_trace(fname, body, model, x, options, method, samples, seed):
     return _call(fname, body, model, {"x": x}, {**options, "method": method}, draw=draw)
 
 
-def _directions(arrays, x):
-    """The drawn directions ``(S, *feat)`` and their tangents ``(S, B, *feat)``."""
-    dirs = ops.cast(arrays["directions"], x.dtype)
-    return dirs, ops.broadcast_to(ops.expand_dims(dirs, 1), (dirs.shape[0], *ops.shape(x)))
-
-
 def _feature_chunks(x):
-    """One-hot tangents ``(c, B, *feat)`` over the features, at most DIRECTIONS_PER_PASS each."""
-    n = math.prod(x.shape[1:])
+    """One-hot directions ``(c, *feat)`` over the features, at most DIRECTIONS_PER_PASS each."""
+    feat = tuple(x.shape[1:])
+    n = math.prod(feat)
     for start in range(0, n, DIRECTIONS_PER_PASS):
-        yield _taylor.stacked_one_hots(x, range(start, min(start + DIRECTIONS_PER_PASS, n)))
+        yield _jac._basis(feat, x.dtype, range(start, min(start + DIRECTIONS_PER_PASS, n)))
 
 
 def _function_of_input(req: _engine.Request, options: dict):
@@ -187,13 +182,22 @@ def laplacian(
 @_errors.model_level
 def _laplacian(req, arrays, options):
     g, x = _function_of_input(req, options)
+    layers = _forward_laplacian.applies(req)
+    if layers is not None:  # a Dense/activation chain: one summed second-order term
+
+        def along(dirs):
+            return _forward_laplacian.laplacian(req, layers, x, dirs)
+    else:
+
+        def along(dirs):
+            return _taylor.map_sum(_taylor.second_along(g, x), _taylor.broadcast(dirs, x))
+
     if options["method"] == "stochastic":
-        dirs, tangents = _directions(arrays, x)
-        total = _taylor.map_sum(_taylor.second_along(g, x), tangents)
-        return tree.map_structure(lambda t: t / dirs.shape[0], total)
+        dirs = ops.cast(arrays["directions"], x.dtype)
+        return tree.map_structure(lambda t: t / dirs.shape[0], along(dirs))
     total = None
-    for tangents in _feature_chunks(x):
-        part = _taylor.map_sum(_taylor.second_along(g, x), tangents)
+    for dirs in _feature_chunks(x):
+        part = along(dirs)
         total = part if total is None else tree.map_structure(ops.add, total, part)
     return total
 
@@ -245,11 +249,12 @@ def _divergence(req, arrays, options):
         )
     axes = tuple(range(2, 2 + len(feat)))
     if options["method"] == "stochastic":
-        dirs, tangents = _directions(arrays, x)
+        tangents = _taylor.broadcast(ops.cast(arrays["directions"], x.dtype), x)
         jv = _jac.batched_map(_taylor.first_along(g, x), tangents)  # (S, B, *feat)
         return ops.mean(ops.sum(jv * tangents, axis=axes), axis=0)
     total = None
-    for tangents in _feature_chunks(x):  # (c, B, *feat)
+    for dirs in _feature_chunks(x):
+        tangents = _taylor.broadcast(dirs, x)  # (c, B, *feat)
         cols = _jac.batched_map(_taylor.first_along(g, x), tangents)  # (c, B, *feat)
         part = ops.sum(cols * tangents, axis=(0, *axes))
         total = part if total is None else total + part

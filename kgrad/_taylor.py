@@ -129,11 +129,9 @@ def partials(g: Callable, x, wanted: dict[str, tuple[int, ...]]) -> dict:
     return evaluate(_trie(wanted), x)[1]
 
 
-def stacked_one_hots(x, rows: range):
-    """One-hot tangents at features ``rows``, each broadcast over the batch: ``(c, *x.shape)``."""
-    feat = tuple(x.shape[1:])
-    one = _jac._basis(feat, x.dtype, rows)  # (c, *feat)
-    return ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), *ops.shape(x)))
+def broadcast(directions, x):
+    """Directions ``(S, *feat)``, each the same in every sample: tangents ``(S, *x.shape)``."""
+    return ops.broadcast_to(ops.expand_dims(directions, 1), (directions.shape[0], *ops.shape(x)))
 
 
 def second_along(g: Callable, x) -> Callable:

@@ -203,3 +203,9 @@ def test_torch_fused_layer_norm_is_restored_after_transforms():
         composite = torch.nn.functional.layer_norm(t, (6,), w, b, 1e-3)
         assert torch.nn.functional.layer_norm is not fused
     torch.testing.assert_close(composite, fused(t, (6,), w, b, 1e-3), rtol=1e-5, atol=1e-5)
+    # silu (swish) likewise: its fused derivative has no forward-mode derivative.
+    fused_silu = torch.nn.functional.silu
+    with backend.transform_kernels():
+        torch.testing.assert_close(torch.nn.functional.silu(t), fused_silu(t))
+        assert torch.nn.functional.silu is not fused_silu
+    assert torch.nn.functional.silu is fused_silu

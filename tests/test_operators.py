@@ -314,3 +314,53 @@ def test_samples_that_interact_are_refused(rng):
     with pytest.raises(ValueError, match="depends on the other samples"):
         kgrad.laplacian(model, x, training=True)
     kgrad.laplacian(model, x)  # inference statistics: independent samples
+
+
+# ------------------------------------------------------------------ the forward Laplacian
+
+
+ACTIVATIONS = ["tanh", "sigmoid", "gelu", "swish", "softplus", "elu", "selu", "softsign", "relu"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_laplacian_of_dense_chains_matches_the_general_path(activation, rng):
+    # Dense/activation chains take the forward-Laplacian path; `of=` the last layer
+    # (the same output) takes the general one: vmapped second-order forward mode.
+    from kgrad import _forward_laplacian
+
+    if activation == "softsign" and keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow registers no gradient for SoftsignGrad (see docs/backends.md)")
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation=activation),
+            keras.layers.Dense(8),
+            keras.layers.Activation("tanh"),
+            keras.layers.Dense(2, name="last"),
+        ]
+    )
+    assert _forward_laplacian.chain(model) is not None
+    x = rng.normal(size=(5, 4)).astype("float32")
+    fast, general = kgrad.laplacian(model, x), kgrad.laplacian(model, x, of="last")
+    assert_close(np_(fast), np_(general), rtol=1e-4, atol=1e-5)
+    kwargs = dict(method="stochastic", samples=3, seed=5, target=1)
+    assert_close(
+        np_(kgrad.laplacian(model, x, **kwargs)),
+        np_(kgrad.laplacian(model, x, of="last", **kwargs)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_forward_laplacian_applies_to_single_path_models_only():
+    from kgrad._forward_laplacian import chain
+
+    inp = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh")(inp)
+    assert chain(keras.Model(inp, keras.layers.Dense(1)(hidden))) is not None
+    mixed = keras.layers.Concatenate()([hidden, inp])  # a branch: the general path
+    assert chain(keras.Model(inp, keras.layers.Dense(1)(mixed))) is None
+    softmax = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    assert chain(softmax) is None  # softmax mixes features
+    assert chain(_conv_field()) is None

@@ -48,19 +48,33 @@ def _composite_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1
     return out
 
 
+def _composite_silu(input, inplace=False):
+    """``torch.nn.functional.silu`` as ``x * sigmoid(x)``.
+
+    The fused kernel's derivative (``aten::silu_backward``) has no forward-mode
+    derivative ("Trying to use forward AD with aten::silu_backward"), so
+    second derivatives in forward mode (Hessians, Laplacians) of swish/silu
+    models fail on it.
+    """
+    return input * torch.sigmoid(input)
+
+
+# torch.nn.functional attribute -> the composite that transforms run on.
+_COMPOSITES = {"layer_norm": _composite_layer_norm, "silu": _composite_silu}
+
 # State of `transform_kernels`, guarded by `_kernels_lock`: how many transforms
 # run on the swapped kernels now (in every thread), the entered `sdpa_kernel`
 # context (it holds the attention flags from before the first enter), and the
-# `layer_norm` the first enter replaced.
+# `torch.nn.functional` functions the first enter replaced.
 _kernels_lock = threading.Lock()
 _kernels_depth = 0
 _attention_context = None
-_fused_layer_norm = None
+_fused: dict = {}
 
 
 @contextlib.contextmanager
 def transform_kernels():
-    """Kernels whose derivatives compose: math attention, composite layer norm.
+    """Kernels whose derivatives compose: math attention, composite layer norm and silu.
 
     **Attention.** See :func:`_math_attention`: attention runs on the math
     kernel, which every transform can differentiate.
@@ -74,24 +88,28 @@ def transform_kernels():
     through the module attribute, so swapping the attribute for
     :func:`_composite_layer_norm` reaches it.
 
-    Both switches are process-wide (torch's attention flags are global, and so
+    **SiLU (swish).** See :func:`_composite_silu`; Keras calls it through the
+    module attribute too.
+
+    The switches are process-wide (torch's attention flags are global, and so
     is the module attribute), so they are made together and reference-counted
     under one lock: the first transform to enter (in any thread) saves the
     attention flags and ``layer_norm`` and switches; nested and concurrent
     transforms only count; the last one to leave, also by an exception,
-    restores both. Meanwhile another thread calling attention or ``layer_norm``
+    restores them. Meanwhile another thread calling attention, ``layer_norm`` or ``silu``
     outside a transform gets the same values, to float rounding, from the math
     and composite kernels.
     """
-    global _kernels_depth, _attention_context, _fused_layer_norm
+    global _kernels_depth, _attention_context
     functional = torch.nn.functional
     with _kernels_lock:
         if _kernels_depth == 0:
             attention = _math_attention()
             attention.__enter__()  # restores the flags itself if switching fails
             _attention_context = attention
-            _fused_layer_norm = functional.layer_norm
-            functional.layer_norm = _composite_layer_norm
+            for name, composite in _COMPOSITES.items():
+                _fused[name] = getattr(functional, name)
+                setattr(functional, name, composite)
         _kernels_depth += 1
     try:
         yield
@@ -99,8 +117,10 @@ def transform_kernels():
         with _kernels_lock:
             _kernels_depth -= 1
             if _kernels_depth == 0:
-                functional.layer_norm = _fused_layer_norm
-                attention, _attention_context, _fused_layer_norm = _attention_context, None, None
+                for name, fused in _fused.items():
+                    setattr(functional, name, fused)
+                _fused.clear()
+                attention, _attention_context = _attention_context, None
                 attention.__exit__(None, None, None)
 
 
