@@ -156,8 +156,10 @@ def laplacian(
         x: the batch (or a dataset of batches).
         input: which input of a multi-input model (name or position).
         of, target, training: as for :func:`kgrad.grad`.
-        method: ``"exact"`` (one second-order forward pass per input feature,
-            vectorised; never the d x d Hessian) or ``"stochastic"`` (the
+        method: ``"exact"`` (the forward Laplacian for chains of Dense and
+            elementwise activation layers, else one second-order forward
+            pass per input feature, vectorised; never the d x d Hessian) or
+            ``"stochastic"`` (the
             Hutchinson estimate ``mean_s v_s^T H v_s`` over ``samples``
             Rademacher directions ``v_s``, unbiased).
         samples: the number of random directions (default 16).
