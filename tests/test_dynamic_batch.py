@@ -32,9 +32,6 @@ def _losses():
             kgrad.layer_grad(m, x, layers="h")["h"].output_grad ** 2
         ),
         "laplacian": lambda m, x: ops.mean(kgrad.laplacian(m, x) ** 2),
-        "laplacian_stochastic": lambda m, x: ops.mean(
-            kgrad.laplacian(m, x, method="stochastic", samples=2, seed=0) ** 2
-        ),
         "partial": lambda m, x: sum(
             ops.mean(p**2) for p in kgrad.partial(m, x, {"t": (0,), "xx": (1, 1)}).values()
         ),
