@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "func": ("kgrad.func", None),
     "callbacks": ("kgrad.callbacks", None),
+    "attribution": ("kgrad.attribution", None),
     "grad": ("kgrad.api", "grad"),
     "value_and_grad": ("kgrad.api", "value_and_grad"),
     "jacobian": ("kgrad.api", "jacobian"),

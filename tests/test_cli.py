@@ -131,6 +131,26 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     w2 = keras.ops.convert_to_numpy(model.layers[-1].kernel)
     expected = np.sqrt(5) * 3 * np.linalg.norm(w2.sum(axis=1))
     np.testing.assert_allclose(norms["h"], expected, rtol=1e-5)
+    # explain takes the same options; the input x gradient of the linear model, by hand.
+    res = _kgrad(
+        "explain",
+        path,
+        "--inputs",
+        x,
+        "--target",
+        "1",
+        "--method",
+        "input_x_gradient",
+        "--import",
+        "mylayers",
+        "--custom-objects",
+        "mylayers:Shift",
+        cwd=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    w1 = keras.ops.convert_to_numpy(model.layers[0].kernel)
+    expected = np.load(x) * (3 * w1 @ w2[:, 1])
+    np.testing.assert_allclose(np.load(tmp_path / "input_x_gradient.npy"), expected, rtol=1e-5)
     # compare, from another folder: the .py file by path, in every worker (under
     # torch only, see `compare_suite`).
     if keras.backend.backend() != "torch":
@@ -187,3 +207,57 @@ def test_report_reads_csv_and_refuses_other_formats(tmp_path, rng):
     res = _kgrad("report", path, "--inputs", str(tmp_path / "x.pkl"))
     assert res.returncode == 2 and "reads .npy, .npz, .csv files" in res.stderr
     assert "allow_pickle" not in res.stderr
+
+
+def test_explain_writes_the_attribution_and_its_heatmap(tmp_path, rng):
+    import kgrad
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            L.Conv2D(3, 3, activation="tanh", name="conv"),
+            L.Flatten(),
+            L.Dense(4),
+        ]
+    )
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    x = rng.uniform(size=(3, 6, 6, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    res = _kgrad(
+        "explain",
+        path,
+        "--inputs",
+        str(tmp_path / "x.npy"),
+        "--target",
+        "0,3,1",
+        "--steps",
+        "8",
+        "--plot",
+        "maps.png",
+        "--output",
+        "ig.npy",
+        cwd=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wrote ig.npy ((3, 6, 6, 1))" in res.stdout
+    expected = kgrad.attribution.integrated_gradients(model, x, target=np.array([0, 3, 1]), steps=8)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "ig.npy"), keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-7
+    )
+    assert (tmp_path / "maps.png").read_bytes()[:4] == b"\x89PNG"
+    res = _kgrad(
+        "explain",
+        path,
+        "--inputs",
+        str(tmp_path / "x.npy"),
+        "--target",
+        "predicted",
+        "--method",
+        "gradcam",
+        cwd=str(tmp_path),
+    )
+    assert res.returncode == 0 and np.load(tmp_path / "gradcam.npy").shape == (3, 6, 6), res.stderr
+    res = _kgrad("explain", path, "--inputs", str(tmp_path / "x.npy"), "--target", "two")
+    assert res.returncode == 2 and "Received: --target 'two'" in res.stderr, res.stderr

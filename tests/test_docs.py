@@ -17,12 +17,16 @@ def test_every_public_name_is_in_the_api_reference():
         assert f"kgrad.{name}" in API, name
     for name in func.__all__:
         assert f"kgrad.func.{name}" in API, name
+    for name in kgrad.attribution.__all__:
+        assert f"kgrad.attribution.{name}" in API, name
 
 
 def test_every_public_function_has_a_docstring_with_an_example():
-    for obj in [getattr(func, n) for n in func.__all__] + [
-        getattr(kgrad, n) for n in kgrad.__all__ if callable(getattr(kgrad, n))
-    ]:
+    for obj in (
+        [getattr(func, n) for n in func.__all__]
+        + [getattr(kgrad, n) for n in kgrad.__all__ if callable(getattr(kgrad, n))]
+        + [getattr(kgrad.attribution, n) for n in kgrad.attribution.__all__]
+    ):
         doc = obj.__doc__
         assert doc and "Example:" in doc and ">>>" in doc, obj
 
@@ -84,8 +88,25 @@ def test_questions_guide_runs(capsys):
 def test_gradcam_guide_runs(capsys):
     scope = _run_guide("gradcam.md")
     out = capsys.readouterr().out
-    assert "(13, 13) 1.0" in out and out.strip().endswith("True")
+    assert "(13, 13) 1.0" in out and "(1, 32, 32)" in out and out.strip().endswith("True")
     assert scope["heatmap"].min() >= 0
+
+
+def test_attribution_guide_runs(capsys, tmp_path, monkeypatch):
+    # Trains a CNN on scikit-learn's bundled digits, explains four predictions and
+    # checks completeness; the figure goes to the test's own folder.
+    monkeypatch.chdir(tmp_path)
+    scope = _run_guide("attribution.md")
+    out = capsys.readouterr().out
+    assert float(out.split("held-out accuracy ")[1].split()[0]) > 0.7, out
+    assert "True True" in out, out
+    assert (tmp_path / "explain.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(scope["maps"]) == {
+        "saliency",
+        "integrated gradients",
+        "SmoothGrad",
+        "Grad-CAM (conv2)",
+    }
 
 
 def test_getting_started_runs(capsys):

@@ -47,6 +47,9 @@ def compute(model, x, y=None, activations=(), hessian=False) -> dict[str, np.nda
             direction = np.linspace(-1.0, 1.0, int(np.prod(np.shape(x)[1:]))).astype("float32")
             for k, term in enumerate(kgrad.taylor(model, x, direction, 3, target=0)):
                 out[f"taylor/inputs/{k}"] = _np(term)
+    leaves = keras.tree.flatten(x)
+    if float_inputs and len(leaves) == 1 and np.ndim(leaves[0]) == 4:
+        _add_attributions(out, model, x, activations)
     for name in activations:
         out[f"grad/activations/{name}"] = _np(kgrad.grad(model, x, wrt="activations", layers=name))
     for path, g in kgrad.grad(model, x, wrt="weights", y=y, loss=loss).items():
@@ -63,6 +66,23 @@ def compute(model, x, y=None, activations=(), hessian=False) -> dict[str, np.nda
             out[f"hvp/weights/{path}"] = _np(hv)
     _add_layer_grads(out, model, x, y, loss)
     return out
+
+
+def _add_attributions(out: dict, model, x, activations) -> None:
+    """Adds kgrad.attribution's maps of an image model, one class per sample."""
+    classes = int(np.shape(_np(model(x)))[1])
+    target = np.arange(len(x)) % classes
+    attribution = kgrad.attribution
+    out["attribution/integrated_gradients"] = _np(
+        attribution.integrated_gradients(model, x, target=target, steps=8)
+    )
+    out["attribution/smoothgrad"] = _np(
+        attribution.smoothgrad(model, x, target=target, samples=4, seed=0)
+    )
+    if activations:
+        out["attribution/gradcam"] = _np(
+            attribution.gradcam(model, x, target=target, layer=activations[0])
+        )
 
 
 def _add_layer_grads(out: dict, model, x, y, loss) -> None:

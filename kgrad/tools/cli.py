@@ -1,4 +1,4 @@
-"""The ``kgrad`` command line: ``kgrad compare``, ``kgrad report``, ``kgrad bench``."""
+"""The ``kgrad`` command line: ``kgrad compare``, ``report``, ``bench`` and ``explain``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, 5 rounds")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--repeats", type=int, default=None, help="rounds per case")
+    from kgrad.tools import explain
+
+    explain.add_parser(sub)
     return parser
 
 
@@ -142,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, NotImplementedError) as err:
             print(f"kgrad bench: {err}", file=sys.stderr)
             return 2
+    if args.command == "explain":
+        from kgrad.tools import explain
+
+        try:
+            return explain.main(args)
+        except (ValueError, TypeError, ImportError, OSError) as err:
+            return _fail("explain", err, args.verbose)
     print(f"kgrad {args.command}: not available in this version yet.", file=sys.stderr)
     return 2
 
