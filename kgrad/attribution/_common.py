@@ -10,6 +10,7 @@ classes never recompiles.
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -110,11 +111,20 @@ def _target_message(fname: str, target: Any) -> str:
     )
 
 
+_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _classes(model: Any, x: Any) -> int | None:
     """The size of the output's first feature axis (what a per-sample index picks from)."""
+    feat = tuple(tuple(leaf.shape[1:]) for leaf in tree.flatten(x))
     try:
-        shape = tuple(model.output.shape)
-    except (AttributeError, ValueError, TypeError):
+        known = _CLASSES.get(model, {})
+    except TypeError:  # a plain function that cannot be held weakly
+        known = {}
+    if feat in known:
+        return known[feat]
+    shape = _symbolic_output_shape(model)
+    if shape is None:  # not known before the model runs: one sample tells
         first = tree.map_structure(lambda leaf: leaf[:1], x)
         out = model(first, training=False) if isinstance(model, keras.Model) else model(first)
         if not hasattr(out, "shape"):
@@ -122,14 +132,29 @@ def _classes(model: Any, x: Any) -> int | None:
                 "A per-sample target array indexes a single output tensor, but this model "
                 f"returns a {type(out).__name__}. Received: a target array. Use a callable "
                 "target, e.g. target=lambda y: y['name'][:, 3]."
-            ) from None
+            )
         shape = tuple(out.shape)
     if len(shape) < 2:
         raise ValueError(
             "A per-sample target array indexes each sample's output, but the output has "
             f"no feature axis (shape {shape}). Received: a target array. Leave target=None."
         )
-    return None if shape[1] is None else int(shape[1])
+    classes = None if shape[1] is None else int(shape[1])
+    try:
+        _CLASSES.setdefault(model, {})[feat] = classes
+    except TypeError:
+        pass
+    return classes
+
+
+def _symbolic_output_shape(model: Any) -> tuple | None:
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError, TypeError, RuntimeError):
+        return None
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != 1:
+        return None
+    return tuple(outputs[0].shape)
 
 
 def select(req: Any, out: Any, index: Any):

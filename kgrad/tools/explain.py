@@ -42,9 +42,12 @@ def main(args) -> int:
     import kgrad
     from kgrad.tools import _loading
 
+    target = None if args.target == "predicted" else _target(args.target)
     model = _loading.load_model(args.model, args.imports, args.custom_objects)
     x = _loading.load_batch(args.inputs, model, "--inputs")
-    target = _target(args.target, model, x)
+    if target is None:
+        out = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+        target = out.reshape(out.shape[0], -1).argmax(axis=1)
     attribution = kgrad.attribution
     method = getattr(attribution, args.method)
     options = {
@@ -68,13 +71,8 @@ def main(args) -> int:
     return 0
 
 
-def _target(spec: str, model, x):
-    """``--target``: an int, comma-separated ints, or 'predicted'."""
-    import keras
-
-    if spec == "predicted":
-        out = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
-        return out.reshape(out.shape[0], -1).argmax(axis=1)
+def _target(spec: str):
+    """``--target``: an int or comma-separated ints ('predicted' is resolved with the model)."""
     try:
         values = [int(v) for v in spec.split(",")]
     except ValueError:
