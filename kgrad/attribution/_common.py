@@ -206,8 +206,17 @@ def _value(req, arrays, options):
     return per_sample_sum(select(req, out, arrays.get("target_index")), req.batch_size)
 
 
-def _call(fname: str, body: Callable, model: Any, x: Any, target: Target, training: bool):
-    arrays = {"x": x}
+def call(
+    fname: str,
+    body: Callable,
+    model: Any,
+    x: Any,
+    target: Target,
+    training: bool,
+    extra: dict | None = None,
+):
+    """``body(req, arrays, options)`` compiled and cached; ``extra`` adds array arguments."""
+    arrays = {"x": x, **(extra or {})}
     if target.index is not None:
         arrays["target_index"] = target.index
     # The body is part of the key: the gradient and the value of one batch share the
@@ -223,12 +232,12 @@ def _call(fname: str, body: Callable, model: Any, x: Any, target: Target, traini
 
 def gradient(model, x, target: Target, fname: str, training: bool = False):
     """∂ (selected outputs) / ∂x, structured like ``x``."""
-    return _call(fname, _gradient, model, x, target, training)
+    return call(fname, _gradient, model, x, target, training)
 
 
 def value(model, x, target: Target, fname: str, training: bool = False):
     """The selected outputs summed per sample, ``(B,)``."""
-    return _call(fname, _value, model, x, target, training)
+    return call(fname, _value, model, x, target, training)
 
 
 def stream(fname: str, compute: Callable, x: Any, target: Any):

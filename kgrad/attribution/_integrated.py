@@ -7,6 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kgrad import _errors, func
 from kgrad.attribution import _common
 
 ops = keras.ops
@@ -25,8 +26,6 @@ def nodes(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     ([0.0, 0.5, 1.0], [0.16666666666666666, 0.3333333333333333, 0.16666666666666666])
     """
     if method not in METHODS:
-        from kgrad import _errors
-
         raise ValueError(
             f"`method` must be one of {list(METHODS)}. Received: method={method!r}."
             f"{_errors.closest(method, METHODS) if isinstance(method, str) else ''}"
@@ -117,7 +116,7 @@ def integrated_gradients(
         batch = tree.map_structure(_float, batch)
         base = _baselines(batch, baseline)
         diff = tree.map_structure(lambda xi, bi: xi - bi, batch, base)
-        total = _integrate(model, base, diff, t, a, w, batch_size, training)
+        total = _integrate(model, batch, base, diff, t, a, w, batch_size, training)
         attributions = tree.map_structure(lambda d, g: d * g, diff, total)
         if not return_delta:
             return attributions
@@ -128,58 +127,83 @@ def integrated_gradients(
     return _common.stream("integrated_gradients", compute, x, target)
 
 
-def _integrate(model, base, diff, target, a, w, batch_size, training):
-    """``Σₖ wₖ ∇F(b + aₖ d)`` per sample, at most ``batch_size`` rows per evaluation."""
+def _integrate(model, x, base, diff, target, a, w, batch_size, training):
+    """``Σₖ wₖ ∇F(b + aₖ d)`` per sample, at most ``batch_size`` rows per evaluation.
+
+    Each evaluation is one compiled call of :func:`_nodes_sum` on some nodes
+    and some samples: whole batches of nodes when ``batch_size`` holds at least
+    one node's worth of samples, else one node for a slice of samples.
+    """
     n = _common.batch_size(diff)
     steps = len(a)
     rows = steps * n if batch_size is None else batch_size
     dtype = keras.backend.standardize_dtype(tree.flatten(diff)[0].dtype)
+
+    def nodes_sum(ks, sl):
+        extra = {
+            "baseline": tree.map_structure(lambda leaf: leaf[sl], base),
+            "alphas": ops.cast(a[ks], dtype),
+            "weights": ops.cast(w[ks], dtype),
+        }
+        part_x = tree.map_structure(lambda leaf: leaf[sl], x)
+        t = target.rows(sl.start, sl.stop)
+        return _common.call("integrated_gradients", _nodes_sum, model, part_x, t, training, extra)
+
     parts = []
-    if rows >= n:  # whole steps per evaluation: chunks of k steps × n samples
+    if rows >= n:  # whole batches of nodes per call
         per = min(steps, rows // n)
         for k0 in range(0, steps, per):
-            ks = np.arange(k0, min(k0 + per, steps))
-            g = _gradient_at(model, base, diff, a[ks], target.repeat(len(ks)), dtype, training)
-            parts.append(
-                tree.map_structure(lambda gi, wk=w[ks]: _weighted_sum(gi, wk, n, dtype), g)
-            )
-    else:  # fewer rows than samples: one step at a time, in slices of samples
+            parts.append(nodes_sum(np.arange(k0, min(k0 + per, steps)), slice(0, n)))
+    else:  # one node at a time, in slices of samples
         for k in range(steps):
-            pieces = []
-            for s in range(0, n, rows):
-                sl = slice(s, min(s + rows, n))
-                part_base = tree.map_structure(lambda leaf, sl=sl: leaf[sl], base)
-                part_diff = tree.map_structure(lambda leaf, sl=sl: leaf[sl], diff)
-                t = target.rows(sl.start, sl.stop)
-                pieces.append(
-                    _gradient_at(model, part_base, part_diff, a[k : k + 1], t, dtype, training)
-                )
-            g = tree.map_structure(lambda *ps: ops.concatenate(ps, axis=0), *pieces)
-            parts.append(tree.map_structure(lambda gi, wk=w[k]: gi * ops.cast(wk, dtype), g))
+            pieces = [
+                nodes_sum(np.arange(k, k + 1), slice(s, min(s + rows, n)))
+                for s in range(0, n, rows)
+            ]
+            parts.append(tree.map_structure(lambda *ps: ops.concatenate(ps, axis=0), *pieces))
     total = parts[0]
     for part in parts[1:]:
         total = tree.map_structure(ops.add, total, part)
     return total
 
 
-def _gradient_at(model, base, diff, alphas, target, dtype, training):
-    """The gradients at ``base + α · diff`` for each α, stacked step-major."""
-    points = tree.map_structure(lambda b, d: _interpolate(b, d, alphas, dtype), base, diff)
-    return _common.gradient(model, points, target, "integrated_gradients", training)
+@_errors.model_level
+def _nodes_sum(req, arrays, options):
+    """``Σₖ wₖ ∇F(b + aₖ(x − b))`` over the nodes given, for the whole batch, in one call.
+
+    The interpolated inputs are stacked node-major (Captum's order); a
+    per-sample target is repeated per node.
+    """
+    req.check_per_sample("Attributions", "a model without batch statistics")
+    alphas, weights = arrays["alphas"], arrays["weights"]
+    k, n = alphas.shape[0], req.batch_size
+    index = arrays.get("target_index")
+    index = None if index is None else ops.tile(index, (k,))
+    points = tree.map_structure(
+        lambda xi, bi: _interpolate(bi, xi - bi, alphas), req.x, arrays["baseline"]
+    )
+
+    def objective(p):
+        out, _, _ = req.run({"inputs": p})
+        return sum(ops.sum(leaf) for leaf in tree.flatten(_common.select(req, out, index)))
+
+    g = func.grad(objective)(points)
+    return tree.map_structure(lambda gi: _weighted_sum(gi, weights, n), g)
 
 
-def _interpolate(base, diff, alphas: np.ndarray, dtype: str):
-    """``base + αₖ · diff`` for every α, stacked step-major: ``(len(α) · B, ...)``."""
+def _interpolate(base, diff, alphas):
+    """``base + αₖ · diff`` for every α, stacked node-major: ``(len(α) · B, ...)``."""
     feat = tuple(diff.shape[1:])
-    alpha = ops.cast(np.asarray(alphas, "float64").reshape((-1, 1) + (1,) * len(feat)), dtype)
+    alpha = ops.reshape(alphas, (-1, 1) + (1,) * len(feat))
     points = ops.expand_dims(base, 0) + alpha * ops.expand_dims(diff, 0)
     return ops.reshape(points, (-1,) + feat)
 
 
-def _weighted_sum(g, weights: np.ndarray, n: int, dtype: str):
+def _weighted_sum(g, weights, n: int):
+    """``Σₖ wₖ gₖ`` of node-major rows ``(k · n, ...)``."""
     feat = tuple(g.shape[1:])
-    g = ops.reshape(g, (len(weights), n) + feat)
-    wk = ops.cast(np.asarray(weights, "float64").reshape((-1, 1) + (1,) * len(feat)), dtype)
+    g = ops.reshape(g, (weights.shape[0], n) + feat)
+    wk = ops.reshape(weights, (-1, 1) + (1,) * len(feat))
     return ops.sum(g * wk, axis=0)
 
 
