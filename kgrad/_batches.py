@@ -81,6 +81,27 @@ def _progress(n):
     return _progress_lines.progress(n, "batch")
 
 
+def each(x, name: str):
+    """Yields ``(x, y)`` of every batch of ``x``, counting them on a progress line.
+
+    ``name`` (the public function, e.g. ``"kgrad.grad"``) is named in the
+    ValueError raised when there is no batch at all.
+    """
+    batches, n = _iterate(x)
+    bar = _progress(n)
+    count = 0
+    for batch in batches:
+        yield _unpack(batch)
+        count += 1
+        if bar is not None:
+            bar.update(count)
+    if not count:
+        raise ValueError(
+            f"`{name}` got no batches. Received: an empty {type(x).__name__}. Pass at least "
+            f"one batch."
+        )
+
+
 def run(fname: str, call, model, arrays: dict, options: dict):
     """Runs ``call(arrays)`` on every batch of ``arrays["x"]`` and combines the results."""
     if arrays.get("y") is not None:
@@ -101,21 +122,11 @@ def run(fname: str, call, model, arrays: dict, options: dict):
             f"vector over inputs or activations would have to be split per batch. "
             f"Received: wrt={options['wrt']!r}. Concatenate the batches instead."
         )
-    batches, n = _iterate(arrays["x"])
-    bar = _progress(n)
     results, sizes, has_loss = [], [], options.get("loss") is not None
-    for i, batch in enumerate(batches):
-        bx, by = _unpack(batch)
+    for bx, by in each(arrays["x"], f"kgrad.{fname}"):
         has_loss = has_loss or by is not None
         results.append(call({**arrays, "x": bx, "y": by}))
         sizes.append(_batch_size(bx))
-        if bar is not None:
-            bar.update(i + 1)
-    if not results:
-        raise ValueError(
-            f"`kgrad.{fname}` got no batches. Received: an empty "
-            f"{type(arrays['x']).__name__}. Pass at least one batch."
-        )
     total = sum(sizes)
     scales = [s / total if has_loss else 1.0 for s in sizes]
     return _combine(fname, options, results, scales)

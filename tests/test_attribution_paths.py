@@ -143,3 +143,14 @@ def test_interacting_samples_are_refused(rng):
     np.testing.assert_array_equal(
         np_(A.saliency(drop, x, target=1)), np_(A.saliency(drop, x, target=1))
     )
+
+
+def test_a_grown_model_gets_its_new_output_size(rng):
+    # A per-sample target of -1 is the last class of the model as it is now.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, use_bias=False)])
+    x = rng.normal(size=(2, 3)).astype("float32")
+    A.saliency(model, x, target=np.array([-1, -1]))
+    model.add(keras.layers.Dense(5, use_bias=False))
+    k1, k2 = (np_(layer.kernel) for layer in model.layers)
+    got = np_(A.saliency(model, x, target=np.array([-1, 0]), abs=False))
+    np.testing.assert_allclose(got, np.stack([k1 @ k2[:, -1], k1 @ k2[:, 0]]), rtol=1e-5)

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from kgrad import _batches, _compiled, _errors, func
+from kgrad._objective import _sum_all
 
 ops = keras.ops
 tree = keras.tree
@@ -111,20 +112,36 @@ def _target_message(fname: str, target: Any) -> str:
     )
 
 
-_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Output shapes found by running one sample (models without symbolic outputs), per
+# model, keyed by the input's sample shapes and the model's layers (a layer added
+# to the model changes the key, so a cached size never outlives the model it fits).
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _classes(model: Any, x: Any) -> int | None:
     """The size of the output's first feature axis (what a per-sample index picks from)."""
-    feat = tuple(tuple(leaf.shape[1:]) for leaf in tree.flatten(x))
+    shape = _symbolic_output_shape(model)
+    if shape is None:
+        shape = _probed_output_shape(model, x)
+    if len(shape) < 2:
+        raise ValueError(
+            "A per-sample target array indexes each sample's output, but the output has "
+            f"no feature axis (shape {shape}). Received: a target array. Leave target=None."
+        )
+    return None if shape[1] is None else int(shape[1])
+
+
+def _probed_output_shape(model: Any, x: Any) -> tuple:
+    """The output shape of ``model`` on one sample of ``x``, cached per model."""
+    key = (
+        tuple(tuple(leaf.shape[1:]) for leaf in tree.flatten(x)),
+        tuple(map(id, getattr(model, "layers", None) or ())),
+    )
     try:
-        known = _CLASSES.get(model, {})
+        known = _PROBED.setdefault(model, {})
     except TypeError:  # a plain function that cannot be held weakly
         known = {}
-    if feat in known:
-        return known[feat]
-    shape = _symbolic_output_shape(model)
-    if shape is None:  # not known before the model runs: one sample tells
+    if key not in known:
         first = tree.map_structure(lambda leaf: leaf[:1], x)
         out = model(first, training=False) if isinstance(model, keras.Model) else model(first)
         if not hasattr(out, "shape"):
@@ -133,18 +150,8 @@ def _classes(model: Any, x: Any) -> int | None:
                 f"returns a {type(out).__name__}. Received: a target array. Use a callable "
                 "target, e.g. target=lambda y: y['name'][:, 3]."
             )
-        shape = tuple(out.shape)
-    if len(shape) < 2:
-        raise ValueError(
-            "A per-sample target array indexes each sample's output, but the output has "
-            f"no feature axis (shape {shape}). Received: a target array. Leave target=None."
-        )
-    classes = None if shape[1] is None else int(shape[1])
-    try:
-        _CLASSES.setdefault(model, {})[feat] = classes
-    except TypeError:
-        pass
-    return classes
+        known[key] = tuple(out.shape)
+    return known[key]
 
 
 def _symbolic_output_shape(model: Any) -> tuple | None:
@@ -167,8 +174,12 @@ def select(req: Any, out: Any, index: Any):
             f"{type(out).__name__}. Received: a target array. Use a callable target."
         )
     rank = len(out.shape)
-    picked = ops.take_along_axis(out, ops.reshape(index, (-1,) + (1,) * (rank - 1)), axis=1)
-    return picked
+    return ops.take_along_axis(out, ops.reshape(index, (-1,) + (1,) * (rank - 1)), axis=1)
+
+
+def selected_sum(req: Any, out: Any, index: Any):
+    """The scalar objective: the selected outputs (see :func:`select`) summed."""
+    return _sum_all(select(req, out, index))
 
 
 def per_sample_sum(selected: Any, n: int | None):
@@ -194,7 +205,7 @@ def _gradient(req, arrays, options):
 
     def objective(args):
         out, _, _ = req.run(args)
-        return sum(ops.sum(leaf) for leaf in tree.flatten(select(req, out, index)))
+        return selected_sum(req, out, index)
 
     return func.grad(objective)(req.args(("inputs",)))["inputs"]
 
@@ -214,8 +225,13 @@ def call(
     target: Target,
     training: bool,
     extra: dict | None = None,
+    **options: Any,
 ):
-    """``body(req, arrays, options)`` compiled and cached; ``extra`` adds array arguments."""
+    """``body(req, arrays, options)`` compiled and cached.
+
+    ``extra`` adds array arguments; ``options`` add to (or replace) the default
+    options, ``wrt="inputs"`` among them.
+    """
     arrays = {"x": x, **(extra or {})}
     if target.index is not None:
         arrays["target_index"] = target.index
@@ -226,6 +242,7 @@ def call(
         "target": target.option,
         "training": bool(training),
         "part": body.__name__,
+        **options,
     }
     return _compiled.call(f"attribution.{fname}", body, model, arrays, options)
 
@@ -250,17 +267,6 @@ def stream(fname: str, compute: Callable, x: Any, target: Any):
             f"array, which cannot be matched to them. Received: target of type "
             f"{type(target).__name__}. Pass one int or a callable, or loop over the batches."
         )
-    batches, n = _batches._iterate(x)
-    bar = _batches._progress(n)
-    parts = []
-    for i, batch in enumerate(batches):
-        bx, _ = _batches._unpack(batch)  # labels in (x, y) batches are not used
-        parts.append(compute(bx))
-        if bar is not None:
-            bar.update(i + 1)
-    if not parts:
-        raise ValueError(
-            f"`kgrad.attribution.{fname}` got no batches. Received: an empty "
-            f"{type(x).__name__}. Pass at least one batch."
-        )
+    # Labels in (x, y) batches are not used.
+    parts = [compute(bx) for bx, _ in _batches.each(x, f"kgrad.attribution.{fname}")]
     return tree.map_structure(lambda *leaves: ops.concatenate(leaves, axis=0), *parts)

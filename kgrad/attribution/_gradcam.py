@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kgrad import _compiled, _errors, _layers, func
+from kgrad import _errors, _layers, func
 from kgrad.attribution import _common
 
 ops = keras.ops
@@ -72,19 +72,19 @@ def gradcam(
     def compute(batch):
         t = _common.resolve_target(model, batch, target, "gradcam")
         chosen = _pick_layer(model, batch, layer)
-        first = tree.flatten(batch)[0]
-        options = {
-            "wrt": "activations",
-            "layers": chosen,
-            "target": t.option,
-            "training": bool(training),
-            "relu": bool(relu),
-            "size": _input_size(first) if resize else None,
-        }
-        arrays = {"x": batch}
-        if t.index is not None:
-            arrays["target_index"] = t.index
-        return _compiled.call("attribution.gradcam", _gradcam, model, arrays, options)
+        size = _input_size(tree.flatten(batch)[0]) if resize else None
+        return _common.call(
+            "gradcam",
+            _gradcam,
+            model,
+            batch,
+            t,
+            training,
+            wrt="activations",
+            layers=chosen,
+            relu=bool(relu),
+            size=size,
+        )
 
     return _common.stream("gradcam", compute, x, target)
 
@@ -97,8 +97,7 @@ def _gradcam(req, arrays, options):
 
     def objective(args):
         out, watch, _ = req.run(args)
-        picked = _common.select(req, out, index)
-        return sum(ops.sum(leaf) for leaf in tree.flatten(picked)), watch.outputs[name]
+        return _common.selected_sum(req, out, index), watch.outputs[name]
 
     g, act = func.grad(objective, has_aux=True)(req.args(("activations",)))
     g = g["activations"][name]

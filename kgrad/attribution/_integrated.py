@@ -185,7 +185,7 @@ def _nodes_sum(req, arrays, options):
 
     def objective(p):
         out, _, _ = req.run({"inputs": p})
-        return sum(ops.sum(leaf) for leaf in tree.flatten(_common.select(req, out, index)))
+        return _common.selected_sum(req, out, index)
 
     g = func.grad(objective)(points)
     return tree.map_structure(lambda gi: _weighted_sum(gi, weights, n), g)
