@@ -7,8 +7,12 @@ import threading
 
 import tensorflow as tf
 
+from kgrad.backends import _internals
+
 _patch_lock = threading.RLock()
 _patch_depth = 0
+# Whether `_internals.check_tensorflow` passed (once per process, on the first swap).
+_checked = False
 
 
 def _moments(x, axes, keepdims):
@@ -31,7 +35,11 @@ def _moments(x, axes, keepdims):
 @contextlib.contextmanager
 def _exact_moments():
     """While kgrad differentiates, Keras's TF moments use :func:`_moments`."""
-    global _patch_depth
+    global _patch_depth, _checked
+    with _patch_lock:
+        if not _checked:
+            _internals.check_tensorflow()
+            _checked = True
     from keras.src.backend.tensorflow import nn as keras_tf_nn
 
     with _patch_lock:

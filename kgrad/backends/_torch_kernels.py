@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from kgrad.backends import _internals
+
 
 def _math_attention():
     """A context manager routing ``scaled_dot_product_attention`` to its math kernel.
@@ -68,6 +70,8 @@ _COMPOSITES = {"layer_norm": _composite_layer_norm, "silu": _composite_silu}
 # `torch.nn.functional` functions the first enter replaced.
 _kernels_lock = threading.Lock()
 _kernels_depth = 0
+# Whether `_internals.check_torch` passed (once per process, on the first swap).
+_checked = False
 _attention_context = None
 _fused: dict = {}
 
@@ -100,9 +104,12 @@ def transform_kernels():
     outside a transform gets the same values, to float rounding, from the math
     and composite kernels.
     """
-    global _kernels_depth, _attention_context
+    global _kernels_depth, _attention_context, _checked
     functional = torch.nn.functional
     with _kernels_lock:
+        if not _checked:
+            _internals.check_torch()
+            _checked = True
         if _kernels_depth == 0:
             attention = _math_attention()
             attention.__enter__()  # restores the flags itself if switching fails
