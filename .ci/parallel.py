@@ -3,10 +3,11 @@
 tox's ``backends`` env runs this, so that one env (the frameworks installed once)
 does the work of the jax, tensorflow, torch and cross envs::
 
-    python .ci/parallel.py [--cross] [--jobs N] [--logs DIR] [--] [PYTEST ARGS...]
+    python .ci/parallel.py [--cross] [--backends B,B] [--jobs N] [--logs DIR] [--] [PYTEST ARGS...]
 
 runs ``pytest -p no:cacheprovider PYTEST ARGS`` once with each of
-``KERAS_BACKEND=jax``, ``tensorflow`` and ``torch`` and, with ``--cross``, the
+``KERAS_BACKEND=jax``, ``tensorflow`` and ``torch`` (or the comma-separated
+``--backends``) and, with ``--cross``, the
 cross env's two commands (``kgrad compare --zoo`` and ``kgrad compare``, a part
 each, so that the two CPUs stay busy to the end). Options
 are read up to the first argument that is not one of them; the rest goes to
@@ -46,8 +47,8 @@ def _executable(name: str) -> str:
     return found
 
 
-def _parse(argv: list[str]) -> tuple[bool, int, str | None, list[str]]:
-    cross, jobs, logs = False, None, None
+def _parse(argv: list[str]) -> tuple[bool, tuple[str, ...], int, str | None, list[str]]:
+    cross, backends, jobs, logs = False, BACKENDS, None, None
     args = list(argv)
     while args:
         if args[0] == "--":
@@ -56,9 +57,14 @@ def _parse(argv: list[str]) -> tuple[bool, int, str | None, list[str]]:
         if args[0] == "--cross":
             cross = True
             args.pop(0)
-        elif args[0] in ("--jobs", "--logs") and len(args) >= 2:
+        elif args[0] in ("--backends", "--jobs", "--logs") and len(args) >= 2:
             option, value = args.pop(0), args.pop(0)
-            if option == "--jobs":
+            if option == "--backends":
+                backends = tuple(value.split(","))
+                unknown = [b for b in backends if b not in BACKENDS]
+                if unknown:
+                    sys.exit(f"parallel.py: --backends takes {','.join(BACKENDS)}; got {value}")
+            elif option == "--jobs":
                 jobs = int(value)
             else:
                 logs = value
@@ -66,13 +72,15 @@ def _parse(argv: list[str]) -> tuple[bool, int, str | None, list[str]]:
             break
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cross, max(1, jobs or 1), logs, args
+    return cross, backends, max(1, jobs or 1), logs, args
 
 
-def _parts(cross: bool, pytest_args: list[str]) -> list[tuple[str, list[list[str]], dict]]:
+def _parts(
+    cross: bool, backends: tuple[str, ...], pytest_args: list[str]
+) -> list[tuple[str, list[list[str]], dict]]:
     """(name, commands, environment changes) of every part, in starting order."""
     pytest = [_executable("pytest"), "-p", "no:cacheprovider", *pytest_args]
-    parts = [(backend, [pytest], {"KERAS_BACKEND": backend}) for backend in BACKENDS]
+    parts = [(backend, [pytest], {"KERAS_BACKEND": backend}) for backend in backends]
     if cross:
         kgrad = _executable("kgrad")
         for name, command in CROSS:
@@ -152,7 +160,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str]) -> int:
-    cross, jobs, logs, pytest_args = _parse(argv)
+    cross, backends, jobs, logs, pytest_args = _parse(argv)
     temp = None
     if logs is None:
         temp = tempfile.TemporaryDirectory(prefix="kgrad-parts-")
@@ -160,7 +168,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(logs, exist_ok=True)
     parts = [
         Part(name, commands, env, os.path.join(logs, f"{name}.log"))
-        for name, commands, env in _parts(cross, pytest_args)
+        for name, commands, env in _parts(cross, backends, pytest_args)
     ]
     waiting, running = list(parts), []
     print(

@@ -44,3 +44,44 @@ def central_diff_jac(f, x, eps=1e-5):
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(np_(actual), expected, rtol=rtol, atol=atol)
+
+
+def ensure_torch_loop_fallback(monkeypatch, model, x) -> None:
+    """Makes the torch backend's direction map fall back to its loop for ``model``.
+
+    With keras 3.15 and torch 2.13, ``torch.func.vmap`` fails on Keras's Conv2D
+    (its channels-last clone), so a conv model's Hessian runs the loop fallback
+    for real. Older releases (keras 3.8, torch 2.4) vectorise the same model; there
+    the failure is simulated with the message torch gives, so the announcement and
+    the loop's numbers are checked on every supported version.
+    """
+    import warnings
+
+    from kgrad.backends import _loop
+    from kgrad.backends import torch as backend
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import kgrad
+
+        kgrad.hessian(model, x[:1], target=0)
+    _loop._warned.clear()
+    if any("one at a time" in str(w.message) for w in caught):
+        return
+    real = backend.tf_func
+
+    class _FailingVmap:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def vmap(fn, *args, randomness="error", **kwargs):
+            if randomness != "same":  # only the map over directions fails
+                return real.vmap(fn, *args, randomness=randomness, **kwargs)
+
+            def fail(*call_args, **call_kwargs):
+                raise RuntimeError("vmap: It looks like you're calling .clone() (simulated)")
+
+            return fail
+
+    monkeypatch.setattr(backend, "tf_func", _FailingVmap())

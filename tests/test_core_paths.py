@@ -158,16 +158,19 @@ def test_interaction_inside_fit_is_refused(rng):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.func.vmap cannot map Keras's Conv2D")
-def test_a_loop_fallback_is_announced_once(rng):
+def test_a_loop_fallback_is_announced_once(rng, monkeypatch):
     import warnings
+
+    from helpers import ensure_torch_loop_fallback
 
     from kgrad.backends import _loop
 
-    _loop._warned.clear()
     inp = keras.Input((4, 4, 2))  # two channels: torch's vmap fails on the channels-last clone
     h = L.Conv2D(2, 3, activation="tanh", name="conv")(inp)
     model = keras.Model(inp, L.Dense(1, name="o")(L.Flatten()(h)))
     x = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    ensure_torch_loop_fallback(monkeypatch, model, x)
+    _loop._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = np_(kgrad.hessian(model, x, target=0))
