@@ -11,10 +11,10 @@ originals give wrong or missing higher derivatives:
 
 A private function can vanish or change its signature in any release. Without
 these checks kgrad would then fail deep inside a transform, or, worse, run
-without the swap and return wrong second derivatives. Each backend module calls
-its check once, when it is first loaded (on the first kgrad call under that
-backend); a mismatch raises ``ImportError`` that names the installed versions
-and the tested range.
+without the swap and return wrong second derivatives. Each kernels module
+(``_tf_kernels``, ``_torch_kernels``) calls its check once per process, on its
+first swap (the first derivative that needs it); a mismatch raises
+``ImportError`` that names the installed versions and the tested range.
 """
 
 from __future__ import annotations
