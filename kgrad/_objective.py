@@ -77,7 +77,8 @@ class Objective:
             return out, None, extra(out) if extra else None
         watch = _layers.Watch(self.watch, args.get("activations"))
         scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
-        with scope, watch.active(), _backends.hook("seeded")(self.rng_seed):
+        seeded = _backends.hook("seeded")(self.rng_seed)
+        with scope, watch.active(), seeded, _backends.hook("forward_scope")():
             y_pred = self.model(x, training=self.training)
             if self.of is not None:  # a shared or uncalled `of` layer has no single output
                 watch.check_called_once([self.of_key])

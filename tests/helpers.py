@@ -14,6 +14,27 @@ FD_RTOL = 2e-3
 FD_ATOL = 2e-4
 
 
+def on_accelerator() -> bool:
+    """Whether the active backend computes on a GPU.
+
+    The suite itself turns TF32 off there (conftest.py), but a ``kgrad`` command
+    run as a subprocess computes at the framework's default float32 precision,
+    which on a GPU may round matrix products to TF32's 10-bit mantissa.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def np_(x):
     """Converts a backend tensor (or a nested structure of them) to NumPy."""
     return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), x)

@@ -158,7 +158,9 @@ def check_layer_grad_outputs(model, x, report, rng, eps):
         sub = keras.Model(model.inputs[0], layer.output)
         out = np_(sub(x)).astype("float64")
         entry = report[layer.name]
-        np.testing.assert_allclose(np_(entry.output), out, rtol=1e-5, atol=1e-6, err_msg=layer.name)
+        # On a GPU a recurrent layer's plain call may run on cuDNN and kgrad's
+        # transforms on its step loop: float32 rounding then differs by ~1e-4.
+        np.testing.assert_allclose(np_(entry.output), out, rtol=1e-4, atol=1e-5, err_msg=layer.name)
         d_out = (
             np_(sub((x64 + eps * u).astype("float32"))).astype("float64")
             - np_(sub((x64 - eps * u).astype("float32"))).astype("float64")

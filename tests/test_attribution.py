@@ -304,16 +304,17 @@ def test_captum_agrees_on_torch(rng):
     if keras.backend.backend() != "torch":
         pytest.skip("Captum runs on the torch backend, where a Keras model is a torch.nn.Module")
     captum = pytest.importorskip("captum.attr")
-    import torch
 
     model = _cnn(4)
     x = rng.uniform(size=(3, 9, 9, 2)).astype("float32")
     t = np.array([1, 0, 2])
+    # On Keras's device (a GPU, where there is one), as a Captum user would pass them.
+    x_t, t_t = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(t)
     for method in METHODS:
         ref, ref_delta = captum.IntegratedGradients(model).attribute(
-            torch.tensor(x),
+            x_t,
             baselines=0.2,
-            target=torch.tensor(t),
+            target=t_t,
             n_steps=12,
             method=method,
             return_convergence_delta=True,
@@ -323,7 +324,7 @@ def test_captum_agrees_on_torch(rng):
         )
         np.testing.assert_allclose(np_(ig), np_(ref), rtol=1e-5, atol=1e-7, err_msg=method)
         np.testing.assert_allclose(np_(delta), np_(ref_delta), atol=1e-6, err_msg=method)
-    ref = captum.Saliency(model).attribute(torch.tensor(x).requires_grad_(), target=torch.tensor(t))
+    ref = captum.Saliency(model).attribute(x_t.clone().requires_grad_(), target=t_t)
     np.testing.assert_allclose(np_(A.saliency(model, x, target=t)), np_(ref), rtol=1e-6)
 
 

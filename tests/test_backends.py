@@ -54,7 +54,7 @@ def test_helper_modules_are_named_after_their_backend():
     import kgrad.backends
 
     folder = os.path.dirname(kgrad.backends.__file__)
-    shared = {"__init__", "_contract", "_internals", "_loop"}
+    shared = {"__init__", "_contract", "_internals", "_loop", "_swaps"}
     for file in os.listdir(folder):
         stem, ext = os.path.splitext(file)
         if ext != ".py" or stem in shared or stem in HELPER_PREFIX:
@@ -94,7 +94,7 @@ def test_kgrad_never_imports_another_framework(use):
     assert set(after_kgrad) <= set(after_keras) | {FRAMEWORKS[active]}, after_kgrad
     # A backend is one module plus private helpers named after it
     # (`kgrad.backends._torch_kernels`); `_contract`, `_internals` and `_loop` are shared.
-    shared = ("_contract", "_internals", "_loop")
+    shared = ("_contract", "_internals", "_loop", "_swaps")
     allowed = {f"kgrad.backends.{active}", *(f"kgrad.backends.{m}" for m in shared)}
     prefix = f"kgrad.backends.{HELPER_PREFIX[active]}"
     assert {m for m in kgrad_backends if not m.startswith(prefix)} <= allowed, kgrad_backends

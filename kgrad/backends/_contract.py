@@ -90,6 +90,7 @@ DEFAULTS = {
     "cannot_vmap": _cannot_vmap,
     "call_seed": _no_seed,
     "seeded": _seeded,
+    "forward_scope": contextlib.nullcontext,
     "hvp_mode": "fwd",
     "per_sample_hessian_mode": "fwd",
     "vmap_randomness": ("same",),
@@ -201,6 +202,14 @@ class Hooks(Protocol):
 
     def seeded(self, seed: int | None) -> contextlib.AbstractContextManager:
         """A context in which every forward pass starts its random draws from ``seed``."""
+
+    def forward_scope(self) -> contextlib.AbstractContextManager:
+        """A context around every forward pass of the model in a kgrad call.
+
+        Also around those that are not differentiated (shape probes, the
+        value), so that a call's values and derivatives come from the same
+        kernels. The JAX backend runs recurrent layers on their scan loop in it.
+        """
 
     def taylor_series(self, g: Callable, x: Any, v: Any, order: int) -> list | None:
         """``[g, D_v g, ..., D_v^order g]`` in Taylor mode, or None where it has no rules.

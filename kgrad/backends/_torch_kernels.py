@@ -10,12 +10,12 @@ one thread at a time (:data:`_forward_ad_lock`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 import torch
 
 from kgrad.backends import _internals
+from kgrad.backends._swaps import each_call_under, reference_counted, swapped_attributes
 
 
 def _math_attention():
@@ -64,20 +64,42 @@ def _composite_silu(input, inplace=False):
 # torch.nn.functional attribute -> the composite that transforms run on.
 _COMPOSITES = {"layer_norm": _composite_layer_norm, "silu": _composite_silu}
 
-# State of `transform_kernels`, guarded by `_kernels_lock`: how many transforms
-# run on the swapped kernels now (in every thread), the entered `sdpa_kernel`
-# context (it holds the attention flags from before the first enter), and the
-# `torch.nn.functional` functions the first enter replaced.
-_kernels_lock = threading.Lock()
-_kernels_depth = 0
-# Whether `_internals.check_torch` passed (once per process, on the first swap).
-_checked = False
+# What the first of the transforms running at a time switched: the entered
+# `sdpa_kernel` context (it holds the attention flags from before) and the
+# `torch.nn.functional` functions it replaced.
 _attention_context = None
 _fused: dict = {}
+# Whether `_internals.check_torch` passed (once per process, on the first swap).
+_checked = False
 
 
-@contextlib.contextmanager
-def transform_kernels():
+def _switch_kernels():
+    global _attention_context, _checked
+    if not _checked:
+        _internals.check_torch()
+        _checked = True
+    attention = _math_attention()
+    attention.__enter__()  # restores the flags itself if switching fails
+    _attention_context = attention
+    functional = torch.nn.functional
+    for name, composite in _COMPOSITES.items():
+        _fused[name] = getattr(functional, name)
+        setattr(functional, name, composite)
+
+
+def _restore_kernels():
+    global _attention_context
+    for name, fused in _fused.items():
+        setattr(torch.nn.functional, name, fused)
+    _fused.clear()
+    attention, _attention_context = _attention_context, None
+    attention.__exit__(None, None, None)
+
+
+_kernels = reference_counted(_switch_kernels, _restore_kernels)
+
+
+def transform_kernels() -> contextlib.AbstractContextManager:
     """Kernels whose derivatives compose: math attention, composite layer norm and silu.
 
     **Attention.** See :func:`_math_attention`: attention runs on the math
@@ -104,31 +126,37 @@ def transform_kernels():
     outside a transform gets the same values, to float rounding, from the math
     and composite kernels.
     """
-    global _kernels_depth, _attention_context, _checked
-    functional = torch.nn.functional
-    with _kernels_lock:
-        if not _checked:
-            _internals.check_torch()
-            _checked = True
-        if _kernels_depth == 0:
-            attention = _math_attention()
-            attention.__enter__()  # restores the flags itself if switching fails
-            _attention_context = attention
-            for name, composite in _COMPOSITES.items():
-                _fused[name] = getattr(functional, name)
-                setattr(functional, name, composite)
-        _kernels_depth += 1
-    try:
-        yield
-    finally:
-        with _kernels_lock:
-            _kernels_depth -= 1
-            if _kernels_depth == 0:
-                for name, fused in _fused.items():
-                    setattr(functional, name, fused)
-                _fused.clear()
-                attention, _attention_context = _attention_context, None
-                attention.__exit__(None, None, None)
+    return _kernels()
+
+
+# torch's own dropout, to which `_dropout_with_a_host_mask` passes what it leaves alone.
+_device_dropout = torch.nn.functional.dropout
+
+
+def _dropout_with_a_host_mask(input, p=0.5, training=True, inplace=False):
+    """``torch.nn.functional.dropout`` whose mask is drawn by the CPU generator.
+
+    On a GPU, torch's fused dropout kernel and the Bernoulli draw that
+    ``torch.func.vmap`` maps it to consume the CUDA generator differently, so a
+    mapped forward pass (forward-mode Jacobians) and an unmapped one (the value,
+    reverse mode) would drop different units. A mask drawn on the host from the
+    generator that ``seeded`` re-seeds is the same in both, and moved to the
+    input's device. Inputs on the CPU, in-place and inference calls go to
+    torch's own function unchanged.
+    """
+    if input.device.type == "cpu" or inplace or not training or not 0.0 < p < 1.0:
+        return _device_dropout(input, p=p, training=training, inplace=inplace)
+    keep = 1.0 - p
+    mask = torch.bernoulli(torch.full(tuple(input.shape), keep)).to(input.device, torch.bool)
+    return torch.where(mask, input / keep, torch.zeros_like(input))
+
+
+#: Keras's unseeded Dropout (which calls ``torch.nn.functional.dropout`` through
+#: the module attribute) draws its masks on the host: entered by ``seeded``
+#: (every forward pass of a kgrad call with ``training=True``) when torch sees a GPU.
+host_dropout_masks = swapped_attributes(
+    lambda: torch.nn.functional, {"dropout": _dropout_with_a_host_mask}
+)
 
 
 # torch's forward-mode AD keeps its state per process, not per thread: the
@@ -144,28 +172,7 @@ def transform_kernels():
 _forward_ad_lock = threading.RLock()
 
 
-def _each_call_under(context):
-    """Makes a wrapper of transforms: each call of ``transform(*args)``'s result runs
-    inside ``context()``."""
-
-    def wrap(transform):
-        @functools.wraps(transform)
-        def make(f, *args, **kwargs):
-            inner = transform(f, *args, **kwargs)
-
-            @functools.wraps(f)
-            def wrapped(*call_args, **call_kwargs):
-                with context():
-                    return inner(*call_args, **call_kwargs)
-
-            return wrapped
-
-        return make
-
-    return wrap
-
-
 #: Wraps ``transform(*args)``'s result so each call holds ``_forward_ad_lock``.
-_forward_mode = _each_call_under(lambda: _forward_ad_lock)
+_forward_mode = each_call_under(lambda: _forward_ad_lock)
 #: Wraps ``transform(*args)``'s result so each call runs under :func:`transform_kernels`.
-_with_transform_kernels = _each_call_under(transform_kernels)
+_with_transform_kernels = each_call_under(transform_kernels)

@@ -1,4 +1,8 @@
-"""kgrad's JAX backend: the JAX transforms themselves."""
+"""kgrad's JAX backend: the JAX transforms themselves.
+
+Each transform traces with Keras's recurrent layers on their scan loop, never
+on cuDNN (``_jax_kernels.scan_recurrent_layers``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kgrad.backends._jax_kernels import scan_recurrent_layers
+from kgrad.backends._swaps import each_call_under
+
 name = "jax"
+_on_the_scan_loop = each_call_under(scan_recurrent_layers)
+#: Every forward pass of a kgrad call runs recurrent layers on their scan loop.
+forward_scope = scan_recurrent_layers
 
 
 def convert(x):
@@ -16,14 +26,24 @@ def convert(x):
     return jnp.asarray(x)
 
 
-grad = jax.grad
-value_and_grad = jax.value_and_grad
-vjp = jax.vjp
-jvp = jax.jvp
-jacrev = jax.jacrev
-jacfwd = jax.jacfwd
-vmap = jax.vmap
+grad = _on_the_scan_loop(jax.grad)
+value_and_grad = _on_the_scan_loop(jax.value_and_grad)
+jacrev = _on_the_scan_loop(jax.jacrev)
+jacfwd = _on_the_scan_loop(jax.jacfwd)
+vmap = _on_the_scan_loop(jax.vmap)
 jit = jax.jit
+
+
+def vjp(f, *primals, **kwargs):
+    """``jax.vjp``, tracing ``f`` with recurrent layers on their scan loop."""
+    with scan_recurrent_layers():
+        return jax.vjp(f, *primals, **kwargs)
+
+
+def jvp(f, primals, tangents, **kwargs):
+    """``jax.jvp``, tracing ``f`` with recurrent layers on their scan loop."""
+    with scan_recurrent_layers():
+        return jax.jvp(f, primals, tangents, **kwargs)
 
 
 def compile_call(f):
@@ -54,7 +74,8 @@ def taylor_series(g, x, v, order):
 
     zeros = jnp.zeros_like(v)
     try:
-        y0, terms = jet.jet(g, (x,), ((v, *([zeros] * (order - 1))),))
+        with scan_recurrent_layers():
+            y0, terms = jet.jet(g, (x,), ((v, *([zeros] * (order - 1))),))
     except Exception:  # no jet rule (or a rule that leaks a tracer): nest jvp instead
         return None
     if not isinstance(y0, jax.Array) or len(terms) != order:

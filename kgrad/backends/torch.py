@@ -19,6 +19,7 @@ from kgrad.backends._torch_kernels import (
     _forward_ad_lock,
     _forward_mode,
     _with_transform_kernels,
+    host_dropout_masks,
     transform_kernels,
 )
 
@@ -288,7 +289,10 @@ def call_seed(model) -> int:
         for n in keras.ops.convert_to_numpy(v.value).ravel()
     ]
     with _rng_lock:  # not while another thread's `seeded` holds its re-seeded state
-        global_state = hash(torch.random.get_rng_state().numpy().tobytes())
+        states = [torch.random.get_rng_state()]
+        if torch.cuda.is_initialized():  # Dropout on a GPU draws from the CUDA generators
+            states += [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        global_state = hash(b"".join(s.numpy().tobytes() for s in states))
     return hash((tuple(values), global_state)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -302,12 +306,14 @@ def seeded(seed):
     Re-seeding a forked generator makes every forward pass of one call (value,
     gradient, each Jacobian column, each finite difference) draw the same
     Dropout mask. The global generator is restored afterwards; forward passes
-    that re-seed it run one thread at a time.
+    that re-seed it run one thread at a time. With a GPU, unseeded Dropout
+    masks are drawn on the host (``_torch_kernels.host_dropout_masks``).
     """
     if seed is None:
         yield
         return
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _rng_lock, torch.random.fork_rng(devices=devices):
+    masks = host_dropout_masks() if devices else contextlib.nullcontext()
+    with _rng_lock, torch.random.fork_rng(devices=devices), masks:
         torch.manual_seed(seed)
         yield
