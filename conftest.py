@@ -1,6 +1,6 @@
 """Root pytest configuration.
 
-Doctests import only the active backend's module. On a GPU, matrix products and
+Doctests import only the active backend's modules. On a GPU, matrix products and
 convolutions run in full float32 (no TF32): the suite compares kgrad's float32
 results with float64 references at float32 tolerances, which TF32's 10-bit
 mantissa would miss by three digits. On a CPU nothing changes.
@@ -9,8 +9,14 @@ mantissa would miss by three digits. On a CPU nothing changes.
 import os
 
 _active = os.environ.get("KERAS_BACKEND", "tensorflow")
+# Another backend's module and its helpers (`_tf_kernels.py`, ...) import its framework.
+_HELPER_PREFIX = {"jax": "_jax_", "tensorflow": "_tf_", "torch": "_torch_"}
+_backends = os.path.join(os.path.dirname(__file__), "kgrad", "backends")
 collect_ignore = [
-    f"kgrad/backends/{name}.py" for name in ("jax", "tensorflow", "torch") if name != _active
+    f"kgrad/backends/{file}"
+    for file in sorted(os.listdir(_backends))
+    for name, prefix in _HELPER_PREFIX.items()
+    if name != _active and (file == f"{name}.py" or file.startswith(prefix))
 ]
 
 

@@ -23,6 +23,8 @@ _EXPORTS = {
     "hessian": ("kgrad.api", "hessian"),
     "hvp": ("kgrad.api", "hvp"),
     "layer_grad": ("kgrad.api", "layer_grad"),
+    "hessian_eigenvalues": ("kgrad._curvature", "hessian_eigenvalues"),
+    "hessian_trace": ("kgrad._curvature", "hessian_trace"),
     "LayerGrad": ("kgrad.api", "LayerGrad"),
     "partial": ("kgrad._operators", "partial"),
     "laplacian": ("kgrad._operators", "laplacian"),
