@@ -23,6 +23,7 @@ _EXPORTS = {
     "hessian": ("kgrad.api", "hessian"),
     "hvp": ("kgrad.api", "hvp"),
     "layer_grad": ("kgrad.api", "layer_grad"),
+    "per_sample_grad": ("kgrad._per_sample", "per_sample_grad"),
     "hessian_eigenvalues": ("kgrad._curvature", "hessian_eigenvalues"),
     "hessian_trace": ("kgrad._curvature", "hessian_trace"),
     "LayerGrad": ("kgrad.api", "LayerGrad"),

@@ -57,6 +57,8 @@ class Request(_objective.Objective):
     # With training=True on backends whose layers draw from a global generator
     # (PyTorch): the seed every forward pass of this request starts from.
     rng_seed: int | None = None
+    # One weight per sample for the loss, as `fit`'s `sample_weight` (per-sample gradients).
+    sample_weight: Any = None
 
     def check_per_sample(self, what: str, fix: str) -> None:
         """Refuses per-sample results where samples interact (see ``_interaction``).

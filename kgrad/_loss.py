@@ -97,7 +97,14 @@ def check(model: Any, loss: Any, y: Any, loss_weights: Any = None) -> None:
     _plan(model, outputs, loss, y, loss_weights, with_targets=y is not None)
 
 
-def value(model: Any, loss: Any, y_true: Any, y_pred: Any, loss_weights: Any = None) -> Any:
+def value(
+    model: Any,
+    loss: Any,
+    y_true: Any,
+    y_pred: Any,
+    loss_weights: Any = None,
+    sample_weight: Any = None,
+) -> Any:
     """Returns the scalar loss of ``y_pred`` against ``y_true``, reduced as Keras reduces it.
 
     Args:
@@ -108,6 +115,8 @@ def value(model: Any, loss: Any, y_true: Any, y_pred: Any, loss_weights: Any = N
             keyed by output name, for several outputs).
         y_pred: the model's output.
         loss_weights: ``None``, a number, a list or a dict keyed by output name.
+        sample_weight: ``None`` or one weight per sample, ``(B,)``, applied to
+            every output's loss as Keras applies ``fit``'s ``sample_weight``.
 
     Returns:
         The sum over the outputs of each output's weighted, reduced loss.
@@ -124,7 +133,7 @@ def value(model: Any, loss: Any, y_true: Any, y_pred: Any, loss_weights: Any = N
     for term in terms:
         y_p = y_pred if term.key is None else y_pred[term.key]
         dtypes.add(_errors.dtype_name(y_p))
-        part = _one(term, y_p, outputs, loss)
+        part = _one(term, y_p, outputs, loss, sample_weight)
         if term.weight is not None:
             part = ops.multiply(part, ops.cast(term.weight, part.dtype))
         total = part if total is None else ops.add(total, part)
@@ -347,11 +356,11 @@ def _targets(model: Any, outputs: _Outputs, loss: Any, y: Any, active: list[int]
     )
 
 
-def _one(term: _Term, y_pred: Any, outputs: _Outputs, loss: Any) -> Any:
+def _one(term: _Term, y_pred: Any, outputs: _Outputs, loss: Any, sample_weight: Any = None) -> Any:
     """One output's reduced loss, with a readable error for mismatched shapes."""
     fn = _loss_object(term.loss, term.y, y_pred)
     try:
-        result = fn(term.y, y_pred)
+        result = fn(term.y, y_pred, sample_weight=sample_weight)
     except Exception as err:  # the backend's shape error, made readable
         y_shapes = [_shape(leaf) for leaf in tree.flatten(term.y)]
         out_shapes = [_shape(leaf) for leaf in tree.flatten(y_pred)]

@@ -128,9 +128,12 @@ class Objective:
                 f"`loss` was given without targets. Received: loss={loss!r}, y=None. Pass "
                 f"the targets as `y=`."
             )
+        sample_weight = getattr(self, "sample_weight", None)
         if loss is None:
-            return self.model.compute_loss(x=self.x, y=y, y_pred=y_pred, training=self.training)
-        return _loss.value(self.model, loss, y, y_pred)
+            return self.model.compute_loss(
+                x=self.x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=self.training
+            )
+        return _loss.value(self.model, loss, y, y_pred, sample_weight=sample_weight)
 
     def objective_from_output(self, out):
         if self.has_loss:

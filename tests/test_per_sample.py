@@ -1,0 +1,188 @@
+"""Per-sample loss gradients against a batch-size-1 loop and hand-derived NumPy backprop."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import reference
+from helpers import np_
+
+import kgrad
+
+L = keras.layers
+BACKEND = keras.backend.backend()
+
+
+def _loop(model, x, y, **kwargs):
+    """kgrad.grad on each sample alone: the reference the per-sample result must equal."""
+    sample_weight = kwargs.pop("sample_weight", None)
+    leaves = keras.tree.flatten(x)
+    n = len(leaves[0])
+    out = []
+    for b in range(n):
+        xb = keras.tree.map_structure(lambda t, b=b: t[b : b + 1], x)
+        yb = keras.tree.map_structure(lambda t, b=b: t[b : b + 1], y)
+        g = np_(kgrad.grad(model, xb, wrt="weights", y=yb, **kwargs))
+        if sample_weight is not None:
+            g = {k: v * sample_weight[b] for k, v in g.items()}
+        out.append(g)
+    return {k: np.stack([o[k] for o in out]) for k in out[0]}
+
+
+def _close(got, want, rtol=1e-4, atol=1e-6):
+    got = np_(got)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+MODELS = {
+    "dense_layernorm": lambda: keras.Sequential(
+        [keras.Input((5,)), L.Dense(6, activation="tanh"), L.LayerNormalization(), L.Dense(3)]
+    ),
+    "conv1d": lambda: keras.Sequential(
+        [keras.Input((7, 2)), L.Conv1D(3, 3, activation="relu"), L.Flatten(), L.Dense(3)]
+    ),
+    "conv2d": lambda: keras.Sequential(
+        [keras.Input((6, 6, 1)), L.Conv2D(2, 3, activation="tanh"), L.Flatten(), L.Dense(3)]
+    ),
+    "embedding": lambda: keras.Sequential(
+        [keras.Input((4,), dtype="int32"), L.Embedding(9, 3), L.Flatten(), L.Dense(3)]
+    ),
+    "lstm": lambda: keras.Sequential([keras.Input((4, 2)), L.LSTM(3), L.Dense(3)]),
+}
+
+
+def _inputs(name, rng, batch):
+    if name == "embedding":
+        x = rng.integers(0, 9, size=(batch, 4)).astype("int32")
+        x[0, :2] = x[0, 2:]  # a repeated index within one sample
+        return x
+    shape = MODELS[name]().inputs[0].shape[1:]
+    return rng.normal(size=(batch, *shape)).astype("float32")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_layer_family_matches_a_batch_of_one_loop(name, rng):
+    model = MODELS[name]()
+    x = _inputs(name, rng, 5)
+    y = rng.integers(0, 3, size=(5,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a backend that loops over samples says so
+        got = kgrad.per_sample_grad(model, x, y, loss=loss)
+    _close(got, _loop(model, x, y, loss=loss))
+    # The mean of the per-sample gradients is the batch gradient (mean reduction).
+    batch = np_(kgrad.grad(model, x, wrt="weights", y=y, loss=loss))
+    for k, v in np_(got).items():
+        np.testing.assert_allclose(v.mean(0), batch[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_the_reference_mlp_matches_hand_derived_backprop(rng):
+    model = reference.mlp()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = rng.normal(size=(4, 2)).astype("float32")
+    got = np_(kgrad.per_sample_grad(model, x, y, loss="mse"))
+    p = reference.params(model)
+    for b in range(4):
+        xb = x[b : b + 1].astype("float64")
+        *_, out = reference.forward(p, xb)
+        g = reference.backward(p, xb, 2 * (out - y[b : b + 1]) / out.size)
+        for layer in ("h1", "h2", "out"):
+            for part in ("kernel", "bias"):
+                np.testing.assert_allclose(
+                    got[f"mlp/{layer}/{part}"][b], g[f"{layer}/{part}"], rtol=1e-4, atol=1e-6
+                )
+
+
+def test_multi_output_models_take_every_compile_loss_form(rng):
+    inputs = keras.Input((4,))
+    h = L.Dense(5, activation="tanh", name="h")(inputs)
+    model = keras.Model(inputs, {"a": L.Dense(2, name="a")(h), "b": L.Dense(1, name="b")(h)})
+    x = rng.normal(size=(4, 4)).astype("float32")
+    y = {"a": rng.normal(size=(4, 2)).astype("float32"), "b": rng.normal(size=(4, 1))}
+    y["b"] = y["b"].astype("float32")
+    for loss in ("mse", {"a": "mse", "b": "mae"}, {"a": "mse"}):
+        _close(kgrad.per_sample_grad(model, x, y, loss=loss), _loop(model, x, y, loss=loss))
+
+
+def test_the_compiled_loss_with_regularisation_and_sample_weights(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            L.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.1)),
+            L.Dense(2),
+        ]
+    )
+    model.compile(loss="mse", optimizer="sgd")
+    x = rng.normal(size=(5, 3)).astype("float32")
+    y = rng.normal(size=(5, 2)).astype("float32")
+    _close(kgrad.per_sample_grad(model, x, y), _loop(model, x, y))
+    w = rng.uniform(0.5, 2.0, size=5).astype("float32")
+    got = np_(kgrad.per_sample_grad(model, x, y, loss="mse", sample_weight=w))
+    # Keras weighs each sample's loss: sample b's gradient is w_b times its own.
+    _close(got, _loop(model, x, y, loss="mse", sample_weight=w))
+    # With the compiled loss the regulariser is not weighted: each sample's gradient
+    # is w_b times its data term's plus the regulariser's.
+    plain = np_(kgrad.per_sample_grad(model, x, y))
+    data = np_(kgrad.per_sample_grad(model, x, y, loss="mse"))
+    weighted = np_(kgrad.per_sample_grad(model, x, y, sample_weight=w))
+    for k in plain:
+        reg = plain[k] - data[k]
+        np.testing.assert_allclose(
+            weighted[k],
+            w.reshape(-1, *[1] * (data[k].ndim - 1)) * data[k] + reg,
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=k,
+        )
+
+
+def test_inputs_chunks_layers_and_streams(rng):
+    model = reference.mlp()
+    x = rng.normal(size=(6, 3)).astype("float32")
+    y = rng.normal(size=(6, 2)).astype("float32")
+    whole = np_(kgrad.per_sample_grad(model, x, y, loss="mse"))
+    _close(kgrad.per_sample_grad(model, x, y, loss="mse", chunk_size=4), whole)
+    only = np_(kgrad.per_sample_grad(model, x, y, loss="mse", layers="out"))
+    assert sorted(only) == ["mlp/out/bias", "mlp/out/kernel"]
+    _close(only, {k: whole[k] for k in only})
+    streamed = kgrad.per_sample_grad(
+        model, ((x[i : i + 3], y[i : i + 3]) for i in (0, 3)), loss="mse"
+    )
+    _close(streamed, whole)
+    # wrt="inputs": each sample's loss gradient, the loop's input gradient.
+    gx = np_(kgrad.per_sample_grad(model, x, y, loss="mse", wrt="inputs"))
+    want = np.concatenate(
+        [np_(kgrad.grad(model, x[b : b + 1], y=y[b : b + 1], loss="mse")) for b in range(6)]
+    )
+    np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-6)
+
+
+def test_samples_that_interact_are_refused(rng):
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.BatchNormalization(), L.Dense(1)])
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = np.zeros((4, 1), "float32")
+    with pytest.raises(ValueError, match="samples"):
+        kgrad.per_sample_grad(model, x, y, loss="mse", training=True)
+    # In inference BatchNormalization uses its moving statistics: samples are independent.
+    _close(kgrad.per_sample_grad(model, x, y, loss="mse"), _loop(model, x, y, loss="mse"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(wrt="activations"), "Received: wrt='activations'"),
+        (dict(chunk_size=0), "Received: chunk_size=0"),
+        (dict(sample_weight=np.ones((3,))), r"Received: sample_weight with shape \(3,\)"),
+        (dict(y=None), "Received: y=None"),
+    ],
+)
+def test_bad_arguments_are_refused(rng, kwargs, match):
+    model = reference.mlp()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    call = dict(y=np.zeros((4, 2), "float32"), loss="mse")
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kgrad.per_sample_grad(model, x, **call)
