@@ -24,6 +24,7 @@ _EXPORTS = {
     "hvp": ("kgrad.api", "hvp"),
     "layer_grad": ("kgrad.api", "layer_grad"),
     "per_sample_grad": ("kgrad._per_sample", "per_sample_grad"),
+    "per_sample_grad_norm": ("kgrad._per_sample", "per_sample_grad_norm"),
     "hessian_eigenvalues": ("kgrad._curvature", "hessian_eigenvalues"),
     "hessian_trace": ("kgrad._curvature", "hessian_trace"),
     "LayerGrad": ("kgrad.api", "LayerGrad"),

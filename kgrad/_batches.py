@@ -28,7 +28,7 @@ from kgrad import _progress as _progress_lines
 ops = keras.ops
 tree = keras.tree
 
-_PER_SAMPLE_ONLY = ("jacobian", "per_sample_grad")
+_PER_SAMPLE_ONLY = ("jacobian", "per_sample_grad", "per_sample_grad_norm")
 _OPERATORS = ("partial", "laplacian", "divergence", "taylor")
 
 

@@ -85,24 +85,75 @@ def per_sample_grad(
             f"`kgrad.per_sample_grad` differentiates each sample's loss with respect to the "
             f"weights or the inputs. Received: wrt={wrt!r}. Use one of {_WRT}."
         )
+    options = dict(wrt=wrt, layers=layers, loss=loss, training=training, chunk_size=chunk_size)
+    return _call("per_sample_grad", _per_sample_grad, model, x, y, sample_weight, options)
+
+
+def per_sample_grad_norm(
+    model,
+    x,
+    y=None,
+    *,
+    loss=None,
+    layers=None,
+    training=False,
+    chunk_size=None,
+    sample_weight=None,
+):
+    """Returns the L2 norm of each sample's loss gradient over the selected weights.
+
+    The norm of :func:`per_sample_grad`'s gradients, sample by sample, over all
+    the selected weights together: what DP-SGD clips, and what shows which
+    samples carry large gradients. The per-sample gradients are computed
+    ``chunk_size`` samples at a time (by default as many as a quarter of the
+    memory budget holds), reduced to their norms and dropped, so at most one
+    chunk of them is in memory; the result is exact.
+
+    Args:
+        model: a built ``keras.Model``.
+        x: the batch, or a stream of ``(x, y)`` batches (results concatenated).
+        y: the targets.
+        loss: a Keras loss in any form ``compile`` accepts; ``None`` uses the
+            compiled loss.
+        layers: narrows the weights (as for :func:`kgrad.grad`).
+        training: passed to the layers.
+        chunk_size: at most this many samples' gradients at a time.
+        sample_weight: one weight per sample, ``(B,)``.
+
+    Returns:
+        A ``(B,)`` tensor of norms (float32).
+
+    Raises:
+        ValueError: as for :func:`per_sample_grad`.
+
+    Example:
+
+    >>> import keras, numpy as np, kgrad
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    >>> _ = model.layers[0].kernel.assign(np.ones((2, 1)))
+    >>> x, y = np.array([[1.0, 0.0], [0.0, 2.0]], "float32"), np.zeros((2, 1), "float32")
+    >>> # mse of one sample: 2 (x . w) x, of norms 2 and 8
+    >>> keras.ops.convert_to_numpy(kgrad.per_sample_grad_norm(model, x, y, loss="mse")).tolist()
+    [2.0, 8.0]
+    """
+    options = dict(
+        wrt="weights", layers=layers, loss=loss, training=training, chunk_size=chunk_size
+    )
+    return _call("per_sample_grad_norm", _per_sample_grad_norm, model, x, y, sample_weight, options)
+
+
+def _call(fname, body, model, x, y, sample_weight, options):
     if y is None and not _is_stream(x):
         raise ValueError(
-            "`kgrad.per_sample_grad` differentiates each sample's loss, which needs the "
-            "targets. Received: y=None. Pass `y=` (and `loss=`, or compile the model)."
+            f"`kgrad.{fname}` differentiates each sample's loss, which needs the targets. "
+            f"Received: y=None. Pass `y=` (and `loss=`, or compile the model)."
         )
-    _check_chunk(chunk_size)
-    options = dict(
-        wrt=wrt,
-        layers=layers,
-        loss=loss,
-        training=training,
-        chunk_size=chunk_size,
-        has_sample_weight=sample_weight is not None,
-    )
+    _check_chunk(options["chunk_size"])
+    options = {**options, "has_sample_weight": sample_weight is not None}
     arrays = {"x": x, "y": y}
     if sample_weight is not None:
         arrays["sample_weight"] = sample_weight
-    return _compiled.call("per_sample_grad", _per_sample_grad, model, arrays, options)
+    return _compiled.call(fname, body, model, arrays, options)
 
 
 def _is_stream(x) -> bool:
@@ -114,19 +165,10 @@ def _is_stream(x) -> bool:
 @_errors.model_level
 def _per_sample_grad(req, arrays, options):
     wrt, chunk_size = options["wrt"], options["chunk_size"]
-    req.check_per_sample(
-        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
-    )
-    args = req.args()
-    weights = args.get("weights")
-    sample_weight = arrays.get("sample_weight")
-    batch = req.batch_size
-    if sample_weight is not None:
-        sample_weight = _check_sample_weight(sample_weight, batch)
+    one, stacked, batch = _mapped_gradient(req, arrays, wrt)
     if wrt == "weights":
         # The result, plus one chunk's gradients in flight.
-        n = sum(math.prod(tuple(w.shape)) for w in tree.flatten(weights))
-        itemsize = max((_itemsize(w) for w in tree.flatten(weights)), default=4)
+        n, itemsize = _size_of(req.args()["weights"])
         rows = batch if chunk_size is None or batch is None else min(chunk_size, batch)
         _memory.check(
             "per-sample gradient",
@@ -135,6 +177,47 @@ def _per_sample_grad(req, arrays, options):
             itemsize,
             "per_sample_grad",
         )
+    return _by_chunks(one, stacked, batch, chunk_size, lambda g: g)
+
+
+@_errors.model_level
+def _per_sample_grad_norm(req, arrays, options):
+    one, stacked, batch = _mapped_gradient(req, arrays, "weights")
+    n, itemsize = _size_of(req.args()["weights"])
+    chunk_size = options["chunk_size"]
+    if chunk_size is None:
+        # As many samples at a time as a quarter of the memory budget holds.
+        chunk_size = max(1, _memory.get_memory_budget() // (4 * max(n, 1) * itemsize))
+    rows = batch if batch is None else min(chunk_size, batch)
+    _memory.check(
+        "per-sample gradient norm",
+        [(batch,)],
+        (rows or 1) * n * itemsize,
+        itemsize,
+        "per_sample_grad_norm",
+    )
+
+    def norms(g):
+        squares = [
+            ops.sum(ops.reshape(ops.square(ops.cast(leaf, "float32")), (ops.shape(leaf)[0], -1)), 1)
+            for leaf in tree.flatten(g)
+        ]
+        return ops.sqrt(sum(squares))
+
+    return _by_chunks(one, stacked, batch, chunk_size, norms)
+
+
+def _mapped_gradient(req, arrays, wrt):
+    """``(one, stacked, batch)``: ``batched_map(one, stacked)`` gives the per-sample gradients."""
+    req.check_per_sample(
+        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
+    )
+    args = req.args(("weights",)) if wrt == "weights" else req.args(("inputs",))
+    weights = args.get("weights")
+    sample_weight = arrays.get("sample_weight")
+    batch = req.batch_size
+    if sample_weight is not None:
+        sample_weight = _check_sample_weight(sample_weight, batch)
 
     def one(sample):
         xb, yb, wb = tree.map_structure(lambda t: ops.expand_dims(t, 0), sample)
@@ -145,14 +228,24 @@ def _per_sample_grad(req, arrays, options):
         return tree.map_structure(lambda t: t[0], g)
 
     sw = sample_weight if sample_weight is not None else ops.ones((_batch_of(req.x),))
-    stacked = (req.x, req.y, sw)
+    return one, (req.x, req.y, sw), batch
+
+
+def _by_chunks(one, stacked, batch, chunk_size, reduce):
+    """``reduce(batched_map(one, chunk))`` for each chunk of ``chunk_size`` samples, joined."""
     if chunk_size is None or batch is None or chunk_size >= batch:
-        return _jac.batched_map(one, stacked)
+        return reduce(_jac.batched_map(one, stacked))
     parts = []
     for start in range(0, batch, chunk_size):
         piece = tree.map_structure(lambda t, s=start: t[s : s + chunk_size], stacked)
-        parts.append(_jac.batched_map(one, piece))
+        parts.append(reduce(_jac.batched_map(one, piece)))
     return tree.map_structure(lambda *ls: ops.concatenate(ls, axis=0), *parts)
+
+
+def _size_of(weights) -> tuple[int, int]:
+    leaves = tree.flatten(weights)
+    n = sum(math.prod(tuple(w.shape)) for w in leaves)
+    return n, max((_itemsize(w) for w in leaves), default=4)
 
 
 def _itemsize(t) -> int:

@@ -186,3 +186,47 @@ def test_bad_arguments_are_refused(rng, kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kgrad.per_sample_grad(model, x, **call)
+
+
+@pytest.mark.parametrize("name", ["dense_layernorm", "conv2d", "embedding", "lstm"])
+def test_norms_are_the_norms_of_the_loop_gradients(name, rng):
+    model = MODELS[name]()
+    x = _inputs(name, rng, 5)
+    y = rng.integers(0, 3, size=(5,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loop = _loop(model, x, y, loss=loss)
+    want = np.sqrt(sum(np.sum(g.reshape(5, -1).astype("float64") ** 2, 1) for g in loop.values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a backend that loops over samples says so
+        got = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss))
+        chunked = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss, chunk_size=2))
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-7)
+    last = model.layers[-1].name
+    only = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss, layers=last))
+    want_last = np.sqrt(
+        sum(np.sum(g.reshape(5, -1) ** 2, 1) for k, g in loop.items() if f"/{last}/" in k)
+    )
+    np.testing.assert_allclose(only, want_last, rtol=1e-5, atol=1e-7)
+
+
+def test_the_default_chunk_follows_the_memory_budget(rng):
+    # A budget that holds about two samples' gradients: the norms come in pieces,
+    # exactly; a budget below one sample's gradient is refused.
+    model = reference.mlp()
+    x = rng.normal(size=(6, 3)).astype("float32")
+    y = rng.normal(size=(6, 2)).astype("float32")
+    want = np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse"))
+    n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    previous = kgrad.get_memory_budget()
+    try:
+        kgrad.set_memory_budget(4 * 4 * n * 2 + 64)
+        np.testing.assert_allclose(
+            np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse")), want, rtol=1e-6
+        )
+        kgrad.set_memory_budget(4 * n // 2)
+        with pytest.raises(ValueError, match="memory budget"):
+            kgrad.per_sample_grad_norm(model, x, y, loss="mse")
+    finally:
+        kgrad.set_memory_budget(previous)
