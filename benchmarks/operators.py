@@ -86,6 +86,8 @@ def points(n: int, d: int, seed: int = 0) -> np.ndarray:
 def to_numpy(out):
     if isinstance(out, (list, tuple)):
         return [to_numpy(o) for o in out]
+    if isinstance(out, dict):
+        return {k: to_numpy(v) for k, v in out.items()}
     if isinstance(out, np.ndarray):
         return out
     if BACKEND == "torch":

@@ -232,31 +232,30 @@ def _lanczos(op, n, iters, k, which, tol, seed):
     """
     rng = np.random.default_rng(seed)
 
-    def fresh(basis):
+    def fresh(V):
         q = rng.standard_normal(n)
-        if basis:
-            V = np.stack(basis)
-            for _ in range(2):
-                q = q - V.T @ (V @ q)
-        return q / np.linalg.norm(q)
+        for _ in range(2 if len(V) else 0):
+            q = _project_out(V, q)
+        return q / math.sqrt(_dot(q, q))
 
-    basis = [fresh([])]
+    basis = np.empty((iters + 1, n))  # row j: the j-th Lanczos vector
+    basis[0] = fresh(basis[:0])
     alphas, betas = [], []
     wanted = k if which != "both" else 2 * k
     restarted = False
     for j in range(iters):
         w = op(basis[j])
-        alpha = float(basis[j] @ w)
+        alpha = _dot(basis[j], w)
         alphas.append(alpha)
-        V = np.stack(basis)
+        V = basis[: j + 1]
         for _ in range(2):  # twice is enough (Kahan, Parlett)
-            w = w - V.T @ (V @ w)
-        beta = float(np.linalg.norm(w))
+            w = _project_out(V, w)
+        beta = math.sqrt(_dot(w, w))
         # Float32 products leave noise of about 1e-7 of the Hessian's norm.
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
         exhausted = beta <= _EXHAUSTED * scale
         last = 0.0 if exhausted else beta
-        if j + 1 == iters or (exhausted and len(basis) == n):
+        if j + 1 == iters or (exhausted and j + 1 == n):
             betas.append(last)
             break
         # After a restart, the Ritz values of the exhausted space have no residual,
@@ -266,19 +265,34 @@ def _lanczos(op, n, iters, k, which, tol, seed):
                 betas.append(last)
                 break
         betas.append(last)
-        basis.append(fresh(basis) if exhausted else w / beta)
+        basis[j + 1] = fresh(basis[: j + 1]) if exhausted else w / beta
         restarted = restarted or exhausted
     theta, S, residual = _ritz(alphas, betas)
-    V = np.stack(basis[: len(alphas)])
     m = len(alphas)
+    V = basis[:m]
     values, vectors, residuals = {}, {}, {}
     picks = {"smallest": np.arange(min(k, m)), "largest": np.arange(m - 1, m - 1 - min(k, m), -1)}
     for end, idx in picks.items():
         if which in (end, "both"):
             values[end] = theta[idx]
-            vectors[end] = [V.T @ S[:, i] for i in idx]
+            vectors[end] = [np.einsum("ij,i->j", V, S[:, i]) for i in idx]
             residuals[end] = _relative(residual, theta)[idx]
     return values, vectors, residuals
+
+
+# The vector products below use einsum rather than BLAS: OpenBLAS's threads keep
+# spinning after a product and slow the framework's own threads down (the next
+# Hessian-vector product on PyTorch took 4 times as long). The products are small
+# (``iters`` vectors), so einsum's single-threaded loops cost little.
+
+
+def _dot(a, b) -> float:
+    return float(np.einsum("i,i->", a, b))
+
+
+def _project_out(V, w):
+    """``w - V^T (V w)``."""
+    return w - np.einsum("ij,i->j", V, np.einsum("ij,j->i", V, w))
 
 
 # A next Lanczos vector this small, relative to the Hessian's norm, is rounding noise.
@@ -355,5 +369,5 @@ def hessian_trace(
     draws = np.empty(samples)
     for i in range(samples):
         z = rng.choice(np.array([-1.0, 1.0]), size=op.size)
-        draws[i] = float(z @ op(z))
+        draws[i] = _dot(z, op(z))
     return float(draws.mean()), float(draws.std(ddof=1) / math.sqrt(samples))
