@@ -164,6 +164,7 @@ class Watch:
         self.layers = layers
         self.probes = probes or {}
         self.outputs: dict[str, Any] = {}
+        self.inputs: dict[str, Any] = {}  # each layer's first input (ghost norms use it)
         self.calls: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -186,6 +187,7 @@ class Watch:
     def _record(self, name, call, args, kwargs):
         out = call(*args, **kwargs)
         self.calls[name] = self.calls.get(name, 0) + 1
+        self.inputs[name] = args[0] if args else kwargs.get("inputs")
         if name in self.probes:
             out = keras.tree.map_structure(
                 lambda o, p: o if p is None else o + p, out, self.probes[name]

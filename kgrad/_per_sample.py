@@ -16,7 +16,7 @@ import math
 import keras
 import numpy as np
 
-from kgrad import _compiled, _errors, _jac, _memory, func
+from kgrad import _compiled, _errors, _ghost, _jac, _memory, func
 from kgrad._jacobian import _check_chunk
 
 ops = keras.ops
@@ -104,10 +104,17 @@ def per_sample_grad_norm(
 
     The norm of :func:`per_sample_grad`'s gradients, sample by sample, over all
     the selected weights together: what DP-SGD clips, and what shows which
-    samples carry large gradients. The per-sample gradients are computed
-    ``chunk_size`` samples at a time (by default as many as a quarter of the
-    memory budget holds), reduced to their norms and dropped, so at most one
-    chunk of them is in memory; the result is exact.
+    samples carry large gradients. Exact in every case:
+
+    - with an explicit ``loss``, a Dense layer whose weights are all selected
+      gets "ghost norms" (``kgrad._ghost``): from its inputs and the gradient
+      of the summed per-sample losses with respect to its pre-activation
+      output, which one backward pass gives, without forming any per-sample
+      gradient (for sequences, the Gram form over positions);
+    - every other selected weight (other layer types, a compiled loss, which
+      may add regularisation) gets its per-sample gradients, ``chunk_size``
+      samples at a time (by default as many as a quarter of the memory budget
+      holds), reduced to squared norms and dropped.
 
     Args:
         model: a built ``keras.Model``.
@@ -182,8 +189,27 @@ def _per_sample_grad(req, arrays, options):
 
 @_errors.model_level
 def _per_sample_grad_norm(req, arrays, options):
-    one, stacked, batch = _mapped_gradient(req, arrays, "weights")
-    n, itemsize = _size_of(req.args()["weights"])
+    req.check_per_sample(
+        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
+    )
+    weights = req.args(("weights",))["weights"]
+    sample_weight = arrays.get("sample_weight")
+    if sample_weight is not None:
+        sample_weight = _check_sample_weight(sample_weight, req.batch_size)
+    ghost = _ghost.ghost_layers(req, weights)
+    ghosted = {v.path for layer in ghost.values() for v in layer.trainable_variables}
+    rest = [p for p in weights if p not in ghosted]
+    total = _ghost.squared_norms(req, weights, ghost, sample_weight) if ghost else None
+    if rest:
+        exact = _exact_squared_norms(req, arrays, options, rest)
+        total = exact if total is None else total + exact
+    return ops.sqrt(total)
+
+
+def _exact_squared_norms(req, arrays, options, only):
+    """Squared norms over the weights ``only`` from their per-sample gradients, in chunks."""
+    one, stacked, batch = _mapped_gradient(req, arrays, "weights", only)
+    n, itemsize = _size_of({p: req.args(("weights",))["weights"][p] for p in only})
     chunk_size = options["chunk_size"]
     if chunk_size is None:
         # As many samples at a time as a quarter of the memory budget holds.
@@ -197,18 +223,20 @@ def _per_sample_grad_norm(req, arrays, options):
         "per_sample_grad_norm",
     )
 
-    def norms(g):
-        squares = [
+    def squares(g):
+        return sum(
             ops.sum(ops.reshape(ops.square(ops.cast(leaf, "float32")), (ops.shape(leaf)[0], -1)), 1)
             for leaf in tree.flatten(g)
-        ]
-        return ops.sqrt(sum(squares))
+        )
 
-    return _by_chunks(one, stacked, batch, chunk_size, norms)
+    return _by_chunks(one, stacked, batch, chunk_size, squares)
 
 
-def _mapped_gradient(req, arrays, wrt):
-    """``(one, stacked, batch)``: ``batched_map(one, stacked)`` gives the per-sample gradients."""
+def _mapped_gradient(req, arrays, wrt, only=None):
+    """``(one, stacked, batch)``: ``batched_map(one, stacked)`` gives the per-sample gradients.
+
+    ``only``: the weight paths to differentiate (default: all selected).
+    """
     req.check_per_sample(
         "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
     )
@@ -223,7 +251,8 @@ def _mapped_gradient(req, arrays, wrt):
         xb, yb, wb = tree.map_structure(lambda t: ops.expand_dims(t, 0), sample)
         sub = dataclasses.replace(req, x=xb, y=yb, batch_size=1, sample_weight=wb)
         if wrt == "weights":
-            return func.grad(lambda w: sub.objective({**args, "weights": w}))(weights)
+            chosen = weights if only is None else {p: weights[p] for p in only}
+            return func.grad(lambda w: sub.objective({**args, "weights": {**weights, **w}}))(chosen)
         g = func.grad(lambda xi: sub.objective({"inputs": xi}))(xb)
         return tree.map_structure(lambda t: t[0], g)
 

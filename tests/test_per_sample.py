@@ -230,3 +230,87 @@ def test_the_default_chunk_follows_the_memory_budget(rng):
             kgrad.per_sample_grad_norm(model, x, y, loss="mse")
     finally:
         kgrad.set_memory_budget(previous)
+
+
+def _materialised(model, x, y, **kwargs):
+    g = np_(kgrad.per_sample_grad(model, x, y, **kwargs))
+    n = len(x)
+    return np.sqrt(sum(np.sum(v.reshape(n, -1).astype("float64") ** 2, 1) for v in g.values()))
+
+
+def _spy(monkeypatch):
+    from kgrad import _ghost, _per_sample
+
+    seen = {"ghost": [], "exact": []}
+    ghost, exact = _ghost.squared_norms, _per_sample._exact_squared_norms
+
+    def ghost_spy(req, weights, layers, sample_weight):
+        seen["ghost"].append(sorted(layers))
+        return ghost(req, weights, layers, sample_weight)
+
+    def exact_spy(req, arrays, options, only):
+        seen["exact"].append(sorted(only))
+        return exact(req, arrays, options, only)
+
+    monkeypatch.setattr(_ghost, "squared_norms", ghost_spy)
+    monkeypatch.setattr(_per_sample, "_exact_squared_norms", exact_spy)
+    kgrad.clear_cache()  # the spies act when a call is traced
+    return seen
+
+
+def test_ghost_norms_of_dense_layers_match_materialised_norms(rng, monkeypatch):
+    seen = _spy(monkeypatch)
+    model = reference.mlp()
+    x = rng.normal(size=(6, 3)).astype("float32")
+    y = rng.normal(size=(6, 2)).astype("float32")
+    got = np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse"))
+    # (A backend may trace a call more than once.)
+    assert {tuple(g) for g in seen["ghost"]} == {("h1", "h2", "out")} and not seen["exact"]
+    np.testing.assert_allclose(got, _materialised(model, x, y, loss="mse"), rtol=1e-5)
+    w = rng.uniform(0.5, 2.0, size=6).astype("float32")
+    np.testing.assert_allclose(
+        np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse", sample_weight=w)),
+        _materialised(model, x, y, loss="mse", sample_weight=w),
+        rtol=1e-5,
+    )
+
+
+def test_ghost_norms_on_sequences_softmax_and_mixed_layers(rng, monkeypatch):
+    seen = _spy(monkeypatch)
+    inputs = keras.Input((4, 3))
+    h = L.Dense(5, activation="softmax", name="seq")(inputs)  # four positions: Gram form
+    h = L.Conv1D(2, 2, name="conv")(h)
+    outputs = L.Dense(3, use_bias=False, name="head")(L.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(size=(5, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(5,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    got = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss))
+    assert {tuple(g) for g in seen["ghost"]} == {("head", "seq")}
+    conv = tuple(sorted(v.path for v in model.get_layer("conv").trainable_variables))
+    assert {tuple(e) for e in seen["exact"]} == {conv}
+    np.testing.assert_allclose(got, _materialised(model, x, y, loss=loss), rtol=1e-5)
+
+
+def test_a_compiled_loss_and_multi_output_models(rng, monkeypatch):
+    seen = _spy(monkeypatch)
+    inputs = keras.Input((4,))
+    h = L.Dense(5, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.1))(inputs)
+    model = keras.Model(inputs, {"a": L.Dense(2, name="a")(h), "b": L.Dense(1, name="b")(h)})
+    model.compile(loss={"a": "mse", "b": "mae"}, optimizer="sgd")
+    x = rng.normal(size=(4, 4)).astype("float32")
+    y = {"a": rng.normal(size=(4, 2)), "b": rng.normal(size=(4, 1))}
+    y = {k: v.astype("float32") for k, v in y.items()}
+    # The compiled loss adds the regulariser, whose gradient bypasses the layers'
+    # outputs: exact per-sample gradients, no ghost norms.
+    np.testing.assert_allclose(
+        np_(kgrad.per_sample_grad_norm(model, x, y)), _materialised(model, x, y), rtol=1e-5
+    )
+    assert not seen["ghost"] and seen["exact"]
+    loss = {"a": "mse", "b": "mae"}
+    np.testing.assert_allclose(
+        np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss)),
+        _materialised(model, x, y, loss=loss),
+        rtol=1e-5,
+    )
+    assert seen["ghost"] and all(len(g) == 3 for g in seen["ghost"])
