@@ -1,4 +1,4 @@
-"""Per-sample gradient norms of Dense layers without forming the gradients ("ghost norms").
+"""Per-sample gradient norms of Dense and conv layers without B gradients ("ghost norms").
 
 For a Dense layer ``z = a W + b`` (then its activation), sample ``s``'s loss
 gradient is ``sum_t a_st^T d_st`` for the kernel and ``sum_t d_st`` for the
@@ -9,8 +9,10 @@ is ``sum_{t,u} (a_st . a_su)(d_st . d_su)`` (for one position
 ``|a_s|^2 |d_s|^2``), so the norm needs the inputs and the gradients with
 respect to ``z``, which one backward pass of the summed per-sample losses
 gives for every sample at once: the cost of one batch gradient, not of B.
+A convolution is a Dense layer on its input patches, one position per output
+pixel (``keras.ops.image.extract_patches`` orders a patch as the kernel's axes).
 
-Used by :func:`kgrad.per_sample_grad_norm` for the Dense layers whose weights
+Used by :func:`kgrad.per_sample_grad_norm` for the layers whose weights
 are all selected, with an explicit ``loss`` (a compiled loss can add
 regularisation, whose gradient does not pass through ``z``); the other
 selected weights get exact per-sample gradients.
@@ -28,13 +30,28 @@ ops = keras.ops
 tree = keras.tree
 
 
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
+
+
 def ghost_layers(req, weights: dict) -> dict:
-    """Name -> Dense layer, for the layers whose norms ghost norms give exactly."""
+    """Name -> layer, for the layers whose norms ghost norms give exactly.
+
+    Plain ``Dense`` layers, and ``Conv1D``/``Conv2D`` with one group and
+    ``"valid"`` or ``"same"`` padding; none with LoRA or quantisation; every
+    weight of the layer selected; an explicit ``loss``.
+    """
     if req.loss is None:
         return {}
     chosen = {}
     for layer in _layers._all_layers(req.model):
-        if type(layer) is not keras.layers.Dense or getattr(layer, "lora_enabled", False):
+        if type(layer) is keras.layers.Dense:
+            pass
+        elif type(layer) in _CONVS:
+            if getattr(layer, "groups", 1) != 1 or layer.padding not in ("valid", "same"):
+                continue
+        else:
+            continue
+        if getattr(layer, "lora_enabled", False):
             continue
         if getattr(layer, "quantization_mode", None) is not None:
             continue
@@ -62,19 +79,67 @@ def squared_norms(req, weights: dict, layers: dict, sample_weight) -> object:
     for name, layer in layers.items():
         a = ops.cast(inputs[name], "float32")
         kernel = ops.cast(weights[layer.kernel.path], "float32")
+        bias = None if layer.bias is None else ops.cast(weights[layer.bias.path], "float32")
         d = ops.cast(d_out[name], "float32")
         if layer.activation is not None and layer.activation is not keras.activations.linear:
-            z = ops.matmul(a, kernel)
-            if layer.bias is not None:
-                z = z + ops.cast(weights[layer.bias.path], "float32")
-            _, pull = func.vjp(layer.activation, z)
+            _, pull = func.vjp(layer.activation, _pre_activation(layer, a, kernel, bias))
             (d,) = pull(d)
-        part = _kernel_squares(a, d)
-        if layer.bias is not None:
-            per_sample = ops.sum(_positions(d), axis=1)
-            part = part + ops.sum(ops.square(per_sample), axis=1)
+        a_pos, d_pos = _positions(layer, a, d)
+        part = _kernel_squares(a_pos, d_pos)
+        if bias is not None:
+            part = part + ops.sum(ops.square(ops.sum(d_pos, axis=1)), axis=1)
         total = part if total is None else total + part
     return total
+
+
+def _pre_activation(layer, a, kernel, bias):
+    """The layer's output before its activation, as its ``call`` computes it."""
+    if type(layer) is keras.layers.Dense:
+        z = ops.matmul(a, kernel)
+        return z if bias is None else z + bias
+    z = ops.conv(
+        a,
+        kernel,
+        strides=list(layer.strides),
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+    if bias is None:
+        return z
+    if layer.data_format == "channels_last":
+        return z + ops.reshape(bias, (1,) * (layer.rank + 1) + (-1,))
+    return z + ops.reshape(bias, (1, -1) + (1,) * layer.rank)
+
+
+def _positions(layer, a, d):
+    """``(B, T, K)`` inputs and ``(B, T, C)`` gradients, one row per position.
+
+    For a convolution, a position is an output pixel, and its input row is the
+    patch the kernel sees there, ordered as the kernel's ``(*size, in)`` axes.
+    """
+    if type(layer) is keras.layers.Dense:
+        return _rows(a), _rows(d)
+    channels_last = layer.data_format == "channels_last"
+    if layer.rank == 1:  # as a 2-d image of height 1
+        axis = 1 if channels_last else 2
+        a, d = ops.expand_dims(a, axis), ops.expand_dims(d, axis)
+        size, strides = (1, *layer.kernel_size), (1, *layer.strides)
+        dilation = (1, *layer.dilation_rate)
+    else:
+        size, strides, dilation = layer.kernel_size, layer.strides, layer.dilation_rate
+    patches = ops.image.extract_patches(
+        a,
+        size,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=layer.padding,
+        data_format=layer.data_format,
+    )
+    if not channels_last:  # (B, K, H, W) -> (B, H, W, K)
+        patches = ops.transpose(patches, (0, 2, 3, 1))
+        d = ops.transpose(d, (0, 2, 3, 1))
+    return _rows(patches), _rows(d)
 
 
 def per_sample_losses(req, y_pred, sample_weight):
@@ -90,16 +155,24 @@ def per_sample_losses(req, y_pred, sample_weight):
     return _jac.batched_map(one, (y_pred, req.y, weights))
 
 
-def _positions(t):
+def _rows(t):
     """``(B, T, features)``: every axis between the batch and the last one flattened."""
     shape = ops.shape(t)
     return ops.reshape(t, (shape[0], -1, shape[-1]))
 
 
 def _kernel_squares(a, d):
-    a, d = _positions(a), _positions(d)
-    if a.shape[1] == 1:
+    """``(B,)``: ``|sum_t a_t^T d_t|^2`` per sample, by the cheaper of two forms.
+
+    The Gram form ``sum_{t,u} (a_t . a_u)(d_t . d_u)`` costs ``T^2 (K + C)`` per
+    sample; forming the ``K x C`` gradient costs ``T K C``.
+    """
+    t, k, c = a.shape[1], a.shape[2], d.shape[2]
+    if t == 1:
         return ops.sum(ops.square(a), axis=(1, 2)) * ops.sum(ops.square(d), axis=(1, 2))
+    if t is not None and t * (k + c) > k * c:
+        g = ops.einsum("btk,btc->bkc", a, d)
+        return ops.sum(ops.square(g), axis=(1, 2))
     gram_a = ops.einsum("btk,bsk->bts", a, a)
     gram_d = ops.einsum("btk,bsk->bts", d, d)
     return ops.sum(gram_a * gram_d, axis=(1, 2))

@@ -106,11 +106,11 @@ def per_sample_grad_norm(
     the selected weights together: what DP-SGD clips, and what shows which
     samples carry large gradients. Exact in every case:
 
-    - with an explicit ``loss``, a Dense layer whose weights are all selected
-      gets "ghost norms" (``kgrad._ghost``): from its inputs and the gradient
-      of the summed per-sample losses with respect to its pre-activation
-      output, which one backward pass gives, without forming any per-sample
-      gradient (for sequences, the Gram form over positions);
+    - with an explicit ``loss``, a Dense, Conv1D or Conv2D layer whose
+      weights are all selected gets "ghost norms" (``kgrad._ghost``): from its
+      inputs (a convolution's input patches) and the gradient of the summed
+      per-sample losses with respect to its pre-activation output, which one
+      backward pass gives, without a per-sample backward pass;
     - every other selected weight (other layer types, a compiled loss, which
       may add regularisation) gets its per-sample gradients, ``chunk_size``
       samples at a time (by default as many as a quarter of the memory budget

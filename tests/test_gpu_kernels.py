@@ -19,8 +19,8 @@ L = keras.layers
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX backend's cuDNN recurrent layers")
-@pytest.mark.parametrize("jit", [True, False], ids=["jit_compile=True", "jit_compile=False"])
-def test_jax_transforms_run_recurrent_layers_on_their_scan_loop(monkeypatch, jit, rng):
+def test_jax_transforms_run_recurrent_layers_on_their_scan_loop(monkeypatch, rng):
+    # Compiled calls (the default); eager calls go through the same transforms.
     from keras.src import backend
 
     calls = []
@@ -41,15 +41,10 @@ def test_jax_transforms_run_recurrent_layers_on_their_scan_loop(monkeypatch, jit
     model(x)
     plain = len(calls)
     assert plain >= 1  # a plain call reaches the backend's cuDNN entry
-    previous = kgrad.get_jit_compile()
-    kgrad.set_jit_compile(jit)
-    try:
-        rev = np_(kgrad.jacobian(model, x, mode="rev"))
-        fwd = np_(kgrad.jacobian(model, x, mode="fwd"))
-        kgrad.hessian(model, x[:1], wrt="inputs")
-        kgrad.grad(model, x, wrt="weights")
-    finally:
-        kgrad.set_jit_compile(previous)
+    rev = np_(kgrad.jacobian(model, x, mode="rev"))
+    fwd = np_(kgrad.jacobian(model, x, mode="fwd"))
+    kgrad.hessian(model, x[:1], wrt="inputs")
+    kgrad.grad(model, x, wrt="weights")
     assert len(calls) == plain  # kgrad's transforms never do
     np.testing.assert_allclose(fwd, rev, rtol=1e-4, atol=1e-6)
     assert backend.lstm is cudnn_lstm  # restored

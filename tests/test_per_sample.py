@@ -214,20 +214,20 @@ def test_norms_are_the_norms_of_the_loop_gradients(name, rng):
 def test_the_default_chunk_follows_the_memory_budget(rng):
     # A budget that holds about two samples' gradients: the norms come in pieces,
     # exactly; a budget below one sample's gradient is refused.
+    # The compiled loss: no ghost norms, every weight by per-sample gradients.
     model = reference.mlp()
+    model.compile(loss="mse", optimizer="sgd")
     x = rng.normal(size=(6, 3)).astype("float32")
     y = rng.normal(size=(6, 2)).astype("float32")
-    want = np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse"))
+    want = np_(kgrad.per_sample_grad_norm(model, x, y))
     n = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     previous = kgrad.get_memory_budget()
     try:
         kgrad.set_memory_budget(4 * 4 * n * 2 + 64)
-        np.testing.assert_allclose(
-            np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse")), want, rtol=1e-6
-        )
+        np.testing.assert_allclose(np_(kgrad.per_sample_grad_norm(model, x, y)), want, rtol=1e-6)
         kgrad.set_memory_budget(4 * n // 2)
         with pytest.raises(ValueError, match="memory budget"):
-            kgrad.per_sample_grad_norm(model, x, y, loss="mse")
+            kgrad.per_sample_grad_norm(model, x, y)
     finally:
         kgrad.set_memory_budget(previous)
 
@@ -279,17 +279,53 @@ def test_ghost_norms_on_sequences_softmax_and_mixed_layers(rng, monkeypatch):
     seen = _spy(monkeypatch)
     inputs = keras.Input((4, 3))
     h = L.Dense(5, activation="softmax", name="seq")(inputs)  # four positions: Gram form
-    h = L.Conv1D(2, 2, name="conv")(h)
+    h = L.Conv1D(2, 2, activation="tanh", name="conv")(h)
+    h = L.LayerNormalization(name="norm")(h)  # no ghost norm: exact per-sample gradients
     outputs = L.Dense(3, use_bias=False, name="head")(L.Flatten()(h))
     model = keras.Model(inputs, outputs)
     x = rng.normal(size=(5, 4, 3)).astype("float32")
     y = rng.integers(0, 3, size=(5,))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     got = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss))
-    assert {tuple(g) for g in seen["ghost"]} == {("head", "seq")}
-    conv = tuple(sorted(v.path for v in model.get_layer("conv").trainable_variables))
-    assert {tuple(e) for e in seen["exact"]} == {conv}
+    assert {tuple(g) for g in seen["ghost"]} == {("conv", "head", "seq")}
+    norm = tuple(sorted(v.path for v in model.get_layer("norm").trainable_variables))
+    assert {tuple(e) for e in seen["exact"]} == {norm}
     np.testing.assert_allclose(got, _materialised(model, x, y, loss=loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv, data_format",
+    [
+        (dict(filters=3, kernel_size=3, strides=2, padding="same"), "channels_last"),
+        (dict(filters=4, kernel_size=(2, 3), dilation_rate=2, activation="relu"), "channels_first"),
+        (dict(filters=2, kernel_size=3, use_bias=False, activation="tanh"), "channels_last"),
+    ],
+    ids=["strided-same", "dilated-relu-channels_first", "no-bias"],
+)
+def test_ghost_norms_of_convolutions(rng, monkeypatch, conv, data_format):
+    if data_format == "channels_first" and BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU convolutions are channels_last only")
+    seen = _spy(monkeypatch)
+    shape = (7, 7, 2) if data_format == "channels_last" else (2, 7, 7)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            L.Conv2D(**conv, data_format=data_format, name="c"),
+            L.Flatten(),
+            L.Dense(3, name="o"),
+        ]
+    )
+    x = rng.normal(size=(4, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(4,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    got = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss))
+    assert {tuple(g) for g in seen["ghost"]} == {("c", "o")} and not seen["exact"]
+    np.testing.assert_allclose(got, _materialised(model, x, y, loss=loss), rtol=1e-5)
+    # The convolution's share alone: its per-sample kernel and bias gradients.
+    only = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss, layers="c"))
+    g = np_(kgrad.per_sample_grad(model, x, y, loss=loss, layers="c"))
+    want = np.sqrt(sum(np.sum(v.reshape(4, -1).astype("float64") ** 2, 1) for v in g.values()))
+    np.testing.assert_allclose(only, want, rtol=1e-5)
 
 
 def test_a_compiled_loss_and_multi_output_models(rng, monkeypatch):
