@@ -13,11 +13,17 @@ from helpers import on_accelerator
 L = keras.layers
 
 # `kgrad compare` runs each backend in a worker process of its own, so the
-# backend of the test process changes nothing: its tests run in one suite only,
-# the torch one (the quickest of the three).
+# backend of the test process changes nothing: each of its tests runs in one
+# suite only, the torch one (the quickest of the three) or, to balance CI's two
+# CPUs (jax's suite shares one with the zoo, tensorflow's and torch's the other),
+# the jax one.
 compare_suite = pytest.mark.skipif(
     keras.backend.backend() != "torch",
     reason="kgrad compare runs every backend in its own workers: tested under torch",
+)
+compare_suite_jax = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="kgrad compare runs every backend in its own workers: tested under jax",
 )
 
 
@@ -153,8 +159,8 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     expected = np.load(x) * (3 * w1 @ w2[:, 1])
     np.testing.assert_allclose(np.load(tmp_path / "input_x_gradient.npy"), expected, rtol=1e-5)
     # compare, from another folder: the .py file by path, in every worker (under
-    # torch only, see `compare_suite`).
-    if keras.backend.backend() != "torch":
+    # jax only, see `compare_suite_jax`).
+    if keras.backend.backend() != "jax":
         return
     module = str(tmp_path / "mylayers.py")
     res = _kgrad(
@@ -175,7 +181,7 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     assert json.loads(res.stdout)["ok"]
 
 
-@compare_suite
+@compare_suite_jax
 def test_a_failed_worker_reports_one_clean_line(tmp_path, rng):
     model = keras.Sequential([keras.Input((3,)), L.Dense(2, name="o")])
     path = str(tmp_path / "m.keras")
