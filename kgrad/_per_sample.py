@@ -16,7 +16,7 @@ import math
 import keras
 import numpy as np
 
-from kgrad import _compiled, _errors, _ghost, _jac, _memory, func
+from kgrad import _batches, _compiled, _errors, _ghost, _jac, _memory, func
 from kgrad._jacobian import _check_chunk
 
 ops = keras.ops
@@ -150,7 +150,7 @@ def per_sample_grad_norm(
 
 
 def _call(fname, body, model, x, y, sample_weight, options):
-    if y is None and not _is_stream(x):
+    if y is None and not _batches.is_batches(x):
         raise ValueError(
             f"`kgrad.{fname}` differentiates each sample's loss, which needs the targets. "
             f"Received: y=None. Pass `y=` (and `loss=`, or compile the model)."
@@ -163,16 +163,10 @@ def _call(fname, body, model, x, y, sample_weight, options):
     return _compiled.call(fname, body, model, arrays, options)
 
 
-def _is_stream(x) -> bool:
-    from kgrad import _batches
-
-    return _batches.is_batches(x)
-
-
 @_errors.model_level
 def _per_sample_grad(req, arrays, options):
     wrt, chunk_size = options["wrt"], options["chunk_size"]
-    one, stacked, batch = _mapped_gradient(req, arrays, wrt)
+    one, stacked, batch = _mapped_gradient(req, wrt, _checked_sample_weight(req, arrays))
     if wrt == "weights":
         # The result, plus one chunk's gradients in flight.
         n, itemsize = _size_of(req.args()["weights"])
@@ -189,27 +183,22 @@ def _per_sample_grad(req, arrays, options):
 
 @_errors.model_level
 def _per_sample_grad_norm(req, arrays, options):
-    req.check_per_sample(
-        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
-    )
+    sample_weight = _checked_sample_weight(req, arrays)
     weights = req.args(("weights",))["weights"]
-    sample_weight = arrays.get("sample_weight")
-    if sample_weight is not None:
-        sample_weight = _check_sample_weight(sample_weight, req.batch_size)
     ghost = _ghost.ghost_layers(req, weights)
     ghosted = {v.path for layer in ghost.values() for v in layer.trainable_variables}
     rest = [p for p in weights if p not in ghosted]
     total = _ghost.squared_norms(req, weights, ghost, sample_weight) if ghost else None
     if rest:
-        exact = _exact_squared_norms(req, arrays, options, rest)
+        exact = _exact_squared_norms(req, sample_weight, options, rest)
         total = exact if total is None else total + exact
     return ops.sqrt(total)
 
 
-def _exact_squared_norms(req, arrays, options, only):
+def _exact_squared_norms(req, sample_weight, options, only):
     """Squared norms over the weights ``only`` from their per-sample gradients, in chunks."""
-    one, stacked, batch = _mapped_gradient(req, arrays, "weights", only)
-    n, itemsize = _size_of({p: req.args(("weights",))["weights"][p] for p in only})
+    one, stacked, batch = _mapped_gradient(req, "weights", sample_weight, only)
+    n, itemsize = _size_of([req.args(("weights",))["weights"][p] for p in only])
     chunk_size = options["chunk_size"]
     if chunk_size is None:
         # As many samples at a time as a quarter of the memory budget holds.
@@ -232,20 +221,25 @@ def _exact_squared_norms(req, arrays, options, only):
     return _by_chunks(one, stacked, batch, chunk_size, squares)
 
 
-def _mapped_gradient(req, arrays, wrt, only=None):
+def _checked_sample_weight(req, arrays):
+    """Refuses samples that interact; returns the checked ``sample_weight`` (or None)."""
+    req.check_per_sample(
+        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
+    )
+    sample_weight = arrays.get("sample_weight")
+    if sample_weight is not None:
+        _check_sample_weight(sample_weight, req.batch_size)
+    return sample_weight
+
+
+def _mapped_gradient(req, wrt, sample_weight, only=None):
     """``(one, stacked, batch)``: ``batched_map(one, stacked)`` gives the per-sample gradients.
 
     ``only``: the weight paths to differentiate (default: all selected).
     """
-    req.check_per_sample(
-        "Per-sample gradients", "drop the layers that mix samples, or use `kgrad.grad`"
-    )
-    args = req.args(("weights",)) if wrt == "weights" else req.args(("inputs",))
+    args = req.args((wrt,))
     weights = args.get("weights")
-    sample_weight = arrays.get("sample_weight")
     batch = req.batch_size
-    if sample_weight is not None:
-        sample_weight = _check_sample_weight(sample_weight, batch)
 
     def one(sample):
         xb, yb, wb = tree.map_structure(lambda t: ops.expand_dims(t, 0), sample)
@@ -272,6 +266,7 @@ def _by_chunks(one, stacked, batch, chunk_size, reduce):
 
 
 def _size_of(weights) -> tuple[int, int]:
+    """``(number of values, largest itemsize)`` of a structure of tensors."""
     leaves = tree.flatten(weights)
     n = sum(math.prod(tuple(w.shape)) for w in leaves)
     return n, max((_itemsize(w) for w in leaves), default=4)
@@ -292,4 +287,3 @@ def _check_sample_weight(sample_weight, batch):
             f"`sample_weight` holds one weight per sample, shape ({batch},). Received: "
             f"sample_weight with shape {shape}. Pass a 1-D array as long as the batch."
         )
-    return sample_weight
