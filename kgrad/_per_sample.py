@@ -190,15 +190,15 @@ def _per_sample_grad_norm(req, arrays, options):
     rest = [p for p in weights if p not in ghosted]
     total = _ghost.squared_norms(req, weights, ghost, sample_weight) if ghost else None
     if rest:
-        exact = _exact_squared_norms(req, sample_weight, options, rest)
+        exact = _exact_squared_norms(req, weights, sample_weight, options, rest)
         total = exact if total is None else total + exact
     return ops.sqrt(total)
 
 
-def _exact_squared_norms(req, sample_weight, options, only):
+def _exact_squared_norms(req, weights, sample_weight, options, only):
     """Squared norms over the weights ``only`` from their per-sample gradients, in chunks."""
     one, stacked, batch = _mapped_gradient(req, "weights", sample_weight, only)
-    n, itemsize = _size_of([req.args(("weights",))["weights"][p] for p in only])
+    n, itemsize = _size_of([weights[p] for p in only])
     chunk_size = options["chunk_size"]
     if chunk_size is None:
         # As many samples at a time as a quarter of the memory budget holds.

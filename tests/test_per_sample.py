@@ -248,9 +248,9 @@ def _spy(monkeypatch):
         seen["ghost"].append(sorted(layers))
         return ghost(req, weights, layers, sample_weight)
 
-    def exact_spy(req, arrays, options, only):
+    def exact_spy(req, weights, sample_weight, options, only):
         seen["exact"].append(sorted(only))
-        return exact(req, arrays, options, only)
+        return exact(req, weights, sample_weight, options, only)
 
     monkeypatch.setattr(_ghost, "squared_norms", ghost_spy)
     monkeypatch.setattr(_per_sample, "_exact_squared_norms", exact_spy)
