@@ -16,14 +16,10 @@ L = keras.layers
 # backend of the test process changes nothing: each of its tests runs in one
 # suite only, the torch one (the quickest of the three) or, to balance CI's two
 # CPUs (jax's suite shares one with the zoo, tensorflow's and torch's the other),
-# the jax one.
+# the jax one (the custom-objects test's comparison).
 compare_suite = pytest.mark.skipif(
     keras.backend.backend() != "torch",
     reason="kgrad compare runs every backend in its own workers: tested under torch",
-)
-compare_suite_jax = pytest.mark.skipif(
-    keras.backend.backend() != "jax",
-    reason="kgrad compare runs every backend in its own workers: tested under jax",
 )
 
 
@@ -54,10 +50,7 @@ def test_compare_a_saved_model(tmp_path, rng):
     assert data["ok"] and data["reference"] == "jax" and data["max_difference"] < 1e-3
     groups = set(data["models"]["m.keras"])
     assert {"grad/inputs", "grad/weights", "hvp/weights", "layer_grad/weights"} <= groups
-    res = _kgrad(*args)  # table mode, with progress lines: stdout is not a terminal here
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "2/2 models" in res.stdout and "all backends agree" in res.stdout
-    assert "\x1b" not in res.stdout and "\r" not in res.stdout
+    # Table mode is checked in test_custom_objects_load_in_report_and_compare.
     res = _kgrad("compare", path, "--inputs", str(tmp_path / "x.npy"), "--backends", "jax,mx")
     assert res.returncode == 2 and "Unknown backend" in res.stderr and "Received" in res.stderr
     res = _kgrad("compare", path, "--backends", "jax,torch")
@@ -159,7 +152,7 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     expected = np.load(x) * (3 * w1 @ w2[:, 1])
     np.testing.assert_allclose(np.load(tmp_path / "input_x_gradient.npy"), expected, rtol=1e-5)
     # compare, from another folder: the .py file by path, in every worker (under
-    # jax only, see `compare_suite_jax`).
+    # jax only, see `compare_suite`).
     if keras.backend.backend() != "jax":
         return
     module = str(tmp_path / "mylayers.py")
@@ -170,18 +163,19 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
         x,
         "--backends",
         "jax,torch",
-        "--json",
         "--import",
         module,
         "--custom-objects",
         f"{module}:Shift",
         cwd=os.path.dirname(sys.executable),
     )
+    # Table mode, with progress lines: stdout is not a terminal here.
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(res.stdout)["ok"]
+    assert "2/2 models" in res.stdout and "all backends agree" in res.stdout
+    assert "\x1b" not in res.stdout and "\r" not in res.stdout
 
 
-@compare_suite_jax
+@compare_suite
 def test_a_failed_worker_reports_one_clean_line(tmp_path, rng):
     model = keras.Sequential([keras.Input((3,)), L.Dense(2, name="o")])
     path = str(tmp_path / "m.keras")

@@ -63,6 +63,9 @@ LOSSES = {
     "layer_grad": _layer_grad_loss,
 }
 
+# The functions that differentiate twice (forward over reverse or reverse twice).
+SECOND_ORDER = ("jacobian_fwd", "hessian", "hvp")
+
 
 class LossNet(keras.Model):
     """A model whose training loss is ``loss_fn(self, x)``.
@@ -115,6 +118,10 @@ def _central_differences(model, loss_fn, x, eps=1e-2):
 @pytest.mark.parametrize("norm", [False, True], ids=["dense", "layernorm"])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_fit_differentiates_through_every_model_level_function(name, norm, jit_compile, rng):
+    if BACKEND == "torch" and jit_compile and norm and name not in SECOND_ORDER:
+        # torch.compile costs about 12 s a model on CI's CPUs; through a norm, the
+        # second-order functions (torch's fused layer norm, see LossNet) keep it.
+        pytest.skip("torch.compile through a LayerNormalization: second-order functions only")
     loss_fn = LOSSES[name]
     model = LossNet(loss_fn, norm=norm)
     x = rng.uniform(-1, 1, size=(8, 3)).astype("float32")
