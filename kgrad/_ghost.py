@@ -11,6 +11,11 @@ respect to ``z``, which one backward pass of the summed per-sample losses
 gives for every sample at once: the cost of one batch gradient, not of B.
 A convolution is a Dense layer on its input patches, one position per output
 pixel (``keras.ops.image.extract_patches`` orders a patch as the kernel's axes).
+An ``EinsumDense`` layer is one too, once its equation's axes are sorted into
+the batch, the positions (in the input and the output), the kernel's input
+axes and its output axes. An ``Embedding`` is a Dense layer on one-hot rows:
+``a_st . a_su`` is 1 where sample ``s`` looks up the same index at ``t`` and
+``u``, else 0, so repeated indices sum as they should.
 
 Used by :func:`kgrad.per_sample_grad_norm` for the layers whose weights
 are all selected, with an explicit ``loss`` (a compiled loss can add
@@ -24,7 +29,7 @@ import dataclasses
 
 import keras
 
-from kgrad import _jac, _layers, _loss, func
+from kgrad import _einsum, _jac, _layers, _loss, func
 
 ops = keras.ops
 tree = keras.tree
@@ -36,17 +41,23 @@ _CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
 def ghost_layers(req, weights: dict) -> dict:
     """Name -> layer, for the layers whose norms ghost norms give exactly.
 
-    Plain ``Dense`` layers, and ``Conv1D``/``Conv2D`` with one group and
-    ``"valid"`` or ``"same"`` padding; none with LoRA or quantisation; every
-    weight of the layer selected; an explicit ``loss``.
+    Plain ``Dense`` and ``Embedding`` layers, ``EinsumDense`` layers whose
+    kernel axes each meet the input or the output (not both), and
+    ``Conv1D``/``Conv2D`` with one group and ``"valid"`` or ``"same"`` padding;
+    none with LoRA or quantisation; every weight of the layer selected; an
+    explicit ``loss``.
     """
     if req.loss is None:
         return {}
     chosen = {}
     for layer in _layers._all_layers(req.model):
-        if type(layer) is keras.layers.Dense:
+        kind = type(layer)
+        if kind in (keras.layers.Dense, keras.layers.Embedding):
             pass
-        elif type(layer) in _CONVS:
+        elif kind is keras.layers.EinsumDense:
+            if _einsum.split(layer) is None:
+                continue
+        elif kind in _CONVS:
             if getattr(layer, "groups", 1) != 1 or layer.padding not in ("valid", "same"):
                 continue
         else:
@@ -77,23 +88,47 @@ def squared_norms(req, weights: dict, layers: dict, sample_weight) -> object:
     d_out = func.grad(summed_losses)(zeros)
     total = None
     for name, layer in layers.items():
-        a = ops.cast(inputs[name], "float32")
-        kernel = ops.cast(weights[layer.kernel.path], "float32")
-        bias = None if layer.bias is None else ops.cast(weights[layer.bias.path], "float32")
         d = ops.cast(d_out[name], "float32")
-        if layer.activation is not None and layer.activation is not keras.activations.linear:
-            _, pull = func.vjp(layer.activation, _pre_activation(layer, a, kernel, bias))
-            (d,) = pull(d)
-        a_pos, d_pos = _positions(layer, a, d)
-        part = _kernel_squares(a_pos, d_pos)
-        if bias is not None:
-            part = part + ops.sum(ops.square(ops.sum(d_pos, axis=1)), axis=1)
+        if type(layer) is keras.layers.Embedding:
+            part = _embedding_squares(inputs[name], d)
+        else:
+            part = _layer_squares(layer, ops.cast(inputs[name], "float32"), d, weights)
         total = part if total is None else total + part
     return total
 
 
+def _layer_squares(layer, a, d, weights):
+    """``(B,)``: the squared norm of each sample's kernel and bias gradients."""
+    kernel = ops.cast(weights[layer.kernel.path], "float32")
+    bias = None if layer.bias is None else ops.cast(weights[layer.bias.path], "float32")
+    if layer.activation is not None and layer.activation is not keras.activations.linear:
+        _, pull = func.vjp(layer.activation, _pre_activation(layer, a, kernel, bias))
+        (d,) = pull(d)
+    if type(layer) is keras.layers.EinsumDense:
+        a_pos, d_pos, bias_sums = _einsum.positions(layer, a, d)
+    else:
+        a_pos, d_pos = _positions(layer, a, d)
+        bias_sums = ops.sum(d_pos, axis=1)
+    part = _kernel_squares(a_pos, d_pos)
+    if bias is not None:
+        part = part + ops.sum(ops.square(_rows(bias_sums)), axis=(1, 2))
+    return part
+
+
+def _embedding_squares(ids, d):
+    """``(B,)``: ``sum_{t,u} [i_t == i_u] (d_t . d_u)`` per sample, ``d`` the output gradient."""
+    d = _rows(d)
+    ids = ops.reshape(ops.cast(ids, "int32"), (ops.shape(d)[0], -1))
+    same = ops.cast(ops.equal(ids[:, :, None], ids[:, None, :]), d.dtype)
+    gram_d = ops.einsum("btk,bsk->bts", d, d)
+    return ops.sum(same * gram_d, axis=(1, 2))
+
+
 def _pre_activation(layer, a, kernel, bias):
     """The layer's output before its activation, as its ``call`` computes it."""
+    if type(layer) is keras.layers.EinsumDense:
+        z = ops.einsum(layer.equation, a, kernel)
+        return z if bias is None else z + bias
     if type(layer) is keras.layers.Dense:
         z = ops.matmul(a, kernel)
         return z if bias is None else z + bias

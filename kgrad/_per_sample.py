@@ -106,8 +106,9 @@ def per_sample_grad_norm(
     the selected weights together: what DP-SGD clips, and what shows which
     samples carry large gradients. Exact in every case:
 
-    - with an explicit ``loss``, a Dense, Conv1D or Conv2D layer whose
-      weights are all selected gets "ghost norms" (``kgrad._ghost``): from its
+    - with an explicit ``loss``, a Dense, EinsumDense, Embedding, Conv1D or
+      Conv2D layer of the model whose weights are all selected gets "ghost
+      norms" (``kgrad._ghost``): from its
       inputs (a convolution's input patches) and the gradient of the summed
       per-sample losses with respect to its pre-activation output, which one
       backward pass gives, without a per-sample backward pass;

@@ -350,3 +350,53 @@ def test_a_compiled_loss_and_multi_output_models(rng, monkeypatch):
         rtol=1e-5,
     )
     assert seen["ghost"] and all(len(g) == 3 for g in seen["ghost"])
+
+
+def test_ghost_norms_of_einsum_dense_embedding_and_attention(rng, monkeypatch):
+    seen = _spy(monkeypatch)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    y = rng.integers(0, 3, size=(5,))
+    # Positions, several kernel axes on each side, a left "...", and an input axis
+    # that the einsum sums over.
+    inputs = keras.Input((4, 3))
+    h = L.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="de", activation="tanh", name="e1")(
+        inputs
+    )
+    h = L.EinsumDense("...b,bc->...c", 5, bias_axes="c", name="e2")(L.Reshape((4, 6))(h))
+    outputs = L.EinsumDense("abc,cd->ad", (3,), bias_axes="d", name="e3")(h)
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(size=(5, 4, 3)).astype("float32")
+    got = np_(kgrad.per_sample_grad_norm(model, x, y, loss=loss))
+    assert {tuple(g) for g in seen["ghost"]} == {("e1", "e2", "e3")} and not seen["exact"]
+    np.testing.assert_allclose(got, _materialised(model, x, y, loss=loss), rtol=1e-5)
+    # An elementwise kernel axis ("c" in the input and the output): exact gradients.
+    seen["ghost"].clear()
+    scale = keras.Sequential([keras.Input((3,)), L.EinsumDense("ac,c->ac", 3, name="scale")])
+    x3 = rng.normal(size=(5, 3)).astype("float32")
+    got = np_(kgrad.per_sample_grad_norm(scale, x3, y, loss=loss))
+    assert not seen["ghost"] and seen["exact"]
+    np.testing.assert_allclose(got, _materialised(scale, x3, y, loss=loss), rtol=1e-5)
+    # Embedding lookups of a 2-d grid of indices, one index repeated in every sample.
+    seen["ghost"].clear()
+    ids = keras.Input((3, 4), dtype="int32")
+    emb = L.Embedding(6, 3, name="emb")(ids)
+    model = keras.Model(ids, L.Dense(3, name="o")(L.Flatten()(emb)))
+    x2 = rng.integers(0, 6, size=(5, 3, 4)).astype("int32")
+    x2[:, 0, :] = 2
+    got = np_(kgrad.per_sample_grad_norm(model, x2, y, loss=loss))
+    assert {tuple(g) for g in seen["ghost"]} == {("emb", "o")}
+    np.testing.assert_allclose(got, _materialised(model, x2, y, loss=loss), rtol=1e-5)
+    # Self-attention: its projections are EinsumDense layers inside a layer, which
+    # kgrad does not address (only a model's layers): exact gradients for them.
+    seen["ghost"].clear()
+    seen["exact"].clear()
+    tokens = keras.Input((4,), dtype="int32")
+    h = L.Embedding(7, 4, name="tok")(tokens)
+    h = L.MultiHeadAttention(2, 3, name="mha")(h, h)
+    model = keras.Model(tokens, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(h)))
+    x4 = rng.integers(0, 7, size=(5, 4)).astype("int32")
+    got = np_(kgrad.per_sample_grad_norm(model, x4, y, loss=loss))
+    np.testing.assert_allclose(got, _materialised(model, x4, y, loss=loss), rtol=1e-5)
+    assert {tuple(g) for g in seen["ghost"]} == {("head", "tok")}
+    mha = model.get_layer("mha").trainable_variables
+    assert {tuple(e) for e in seen["exact"]} == {tuple(sorted(v.path for v in mha))}
