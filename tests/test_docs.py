@@ -137,3 +137,27 @@ def test_pinn_guide_runs(capsys):
     assert scope["relative"] < 0.6 and scope["mean_error"] < 0.2, out
     losses = scope["losses"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0], out
+
+
+def test_samples_guide_runs(capsys, tmp_path, monkeypatch):
+    # Noisy digits, DP-SGD and the sharpness during training; figures in the test's folder.
+    monkeypatch.chdir(tmp_path)
+    scope = _run_guide("samples.md")
+    out = capsys.readouterr().out
+    # The mislabelled samples carry the large norms (about 90% of the 150 largest).
+    assert scope["found"] > 0.7, out
+    norms, is_flipped = scope["norms"], scope["is_flipped"]
+    assert np.median(norms[is_flipped]) > 3 * np.median(norms[~is_flipped]), out
+    assert "True" in out  # the ghost norms are the norms of the per-sample gradients
+    assert scope["dp_accuracy"] > 0.75, out
+    values = scope["sharpness"].values
+    assert len(values) == 13 and min(values) > 0, out
+    # Above 2 / lr at the start, then driven to about 2 / lr = 2.
+    assert values[0] > 2.0 and 1.5 < np.mean(values[-4:]) < 2.8, out
+    # The eigenvector's direction: the loss's second difference is the eigenvalue.
+    assert abs(scope["second"] - scope["values"][0]) < 0.02 * scope["values"][0], out
+    assert scope["smallest"][0] < 0 < scope["largest"][0], out
+    assert np.isclose(scope["largest"][0], scope["values"][0], rtol=1e-3), out
+    assert 0 < scope["error"] < 0.2 * scope["trace"], out
+    for name in ("samples.png", "sharpness.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
