@@ -22,7 +22,15 @@ is faster):
 - ``hessian_eigenvalues(k=1)`` on the MLP's weight Hessian (B = 256) against
   power iteration on the same ``kgrad.hvp`` (PyHessian's method: stop when the
   estimate changes by less than ``1e-3`` relatively, at most 100 products):
-  the number of Hessian-vector products, the time, and both estimates.
+  the number of Hessian-vector products, the time, and both estimates (on
+  torch, ``hessian_eigenvalues`` linearises the gradient once per call and
+  each product is one backward pass, see ``kgrad._hessian.hvp_operator``;
+  power iteration here calls ``kgrad.hvp``, all passes each time). Under
+  torch with PyHessian installed (``pip install pyhessian``, an optional
+  benchmark dependency), PyHessian itself too: ``hessian(model, criterion,
+  data=(x, y)).eigenvalues(top_n=1)`` on the same Keras model (a
+  ``torch.nn.Module`` on this backend), its setup (one backward pass with
+  ``create_graph=True``) included in its time.
 
 Timing: two warm-up calls, then R rounds (default 5), interleaved, each
 synchronised; medians (benchmarks/operators.py's ``bench``).
@@ -163,6 +171,44 @@ def power_iteration(model, x, y, tol=1e-3, max_iters=100):
     return estimate, max_iters
 
 
+def pyhessian_rows(model, x, y) -> list:
+    """PyHessian's ``eigenvalues(top_n=1)`` at its default and at kgrad's tolerance."""
+    try:
+        import pyhessian  # noqa: F401  (its package rebinds `pyhessian.hessian` to a class)
+
+        ph = sys.modules["pyhessian.hessian"]
+    except ImportError:
+        print("PyHessian is not installed (pip install pyhessian): its rows are left out")
+        return []
+    import torch
+
+    calls = []
+    product = ph.hessian_vector_product
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return product(*a, **kw)
+
+    inputs = torch.as_tensor(x)
+    targets = torch.as_tensor(y).long()
+    criterion = torch.nn.CrossEntropyLoss()  # LOSS: sparse cross-entropy of logits
+    rows = []
+    ph.hessian_vector_product = counting
+    try:
+        for tol in (1e-3, 1e-4):
+            torch.manual_seed(0)
+            calls.clear()
+            start = time.perf_counter()
+            top = ph.hessian(model, criterion, data=(inputs, targets), cuda=False)
+            value = top.eigenvalues(maxIter=100, tol=tol, top_n=1)[0][0]
+            seconds = time.perf_counter() - start
+            rows.append([f"PyHessian 0.1, tol={tol:g}", value, len(calls), seconds])
+            model.zero_grad(set_to_none=True)
+    finally:
+        ph.hessian_vector_product = product
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -209,14 +255,19 @@ def main(argv=None) -> None:
     )
     model = build("mlp")
     x, y = data(model, 64 if args.quick else 256)
-    from kgrad import _hessian
+    from kgrad import _curvature
 
     calls = []
-    original = _hessian.hvp
+    product = _curvature._Operator.__call__  # every product of the Lanczos runs
+    public_hvp = kgrad.hvp  # every product of power iteration
 
-    def counting(*a, **kw):
+    def counting_product(self, v):
         calls.append(1)
-        return original(*a, **kw)
+        return product(self, v)
+
+    def counting_hvp(*a, **kw):
+        calls.append(1)
+        return public_hvp(*a, **kw)
 
     def timed(fn):
         calls.clear()
@@ -225,7 +276,9 @@ def main(argv=None) -> None:
         return value, len(calls), time.perf_counter() - start
 
     kgrad.hessian_eigenvalues(model, x, y, loss=LOSS, seed=0)  # compiles the hvp
-    _hessian.hvp = counting  # kgrad.hessian_eigenvalues calls kgrad._hessian.hvp
+    power_iteration(model, x, y, max_iters=2)  # compiles kgrad.hvp's own call
+    _curvature._Operator.__call__ = counting_product
+    kgrad.hvp = counting_hvp
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -241,14 +294,13 @@ def main(argv=None) -> None:
                     model, x, y, loss=LOSS, seed=0, tol=tol
                 )[0]
                 results.append([label, *timed(run)])
-        kgrad_hvp, kgrad.hvp = kgrad.hvp, counting
-        try:
-            (power, _), n_power, t_power = timed(lambda: power_iteration(model, x, y))
-        finally:
-            kgrad.hvp = kgrad_hvp
+        (power, _), n_power, t_power = timed(lambda: power_iteration(model, x, y))
     finally:
-        _hessian.hvp = original
+        _curvature._Operator.__call__ = product
+        kgrad.hvp = public_hvp
     results.append(["power iteration, tol=1e-3 (PyHessian's)", power, n_power, t_power])
+    if BACKEND == "torch":
+        results.extend(pyhessian_rows(model, x, y))
     table(
         "hessian_eigenvalues(k=1) against power iteration (both on kgrad.hvp)",
         ["method", "Hessian-vector products", "s", "top eigenvalue", "rel. error"],

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kgrad import _batches, _hessian, api
+from kgrad import backends as _backends
 
 _WHICH = ("largest", "smallest", "both")
 
@@ -71,6 +72,11 @@ class _Operator:
                 f"layers={layers!r}. Select layers that have trainable weights."
             )
         self.calls = 0
+        # One batch in memory: where the backend can, one linearisation serves every
+        # product of this call (the weights cannot change during it).
+        self.apply = None
+        if _backends.hook("reusable_hvp") and not _batches.is_batches(x):
+            self.apply = _hessian.hvp_operator(model, x, wrt=wrt, layers=layers, y=y, loss=loss)
 
     def unflatten(self, flat: np.ndarray) -> Any:
         leaves, start = [], 0
@@ -82,6 +88,8 @@ class _Operator:
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
         self.calls += 1
+        if self.apply is not None:
+            return self._flat(self.apply(self.unflatten(v)))
         hv = _hessian.hvp(
             self.model,
             self.x,
@@ -91,6 +99,9 @@ class _Operator:
             y=self.y,
             loss=self.loss,
         )
+        return self._flat(hv)
+
+    def _flat(self, hv) -> np.ndarray:
         leaves = [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(hv)]
         out = np.concatenate([leaf.astype("float64").ravel() for leaf in leaves])
         if not np.all(np.isfinite(out)):

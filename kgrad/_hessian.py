@@ -276,3 +276,40 @@ def _hvp(req: _engine.Request, arrays, options):
         return func.grad(along)(primal)
     _, hv = func.jvp(func.grad(objective), (primal,), (vector,))
     return hv
+
+
+def hvp_operator(model, x, *, wrt="weights", layers=None, y=None, loss=None, training=False):
+    """Returns ``vector -> H @ vector`` for one batch, linearised once.
+
+    The gradient is differentiated in reverse mode once (``func.vjp`` of
+    ``func.grad``), and each product is one backward pass through the retained
+    graph: no forward pass per product. For backends whose ``reusable_hvp``
+    hook is True (torch); the weights are read once, when it is built, so the
+    operator must not outlive one computation. ``vector`` holds every
+    selected value (for weights, a dict keyed by ``variable.path``).
+    """
+    if not _backends.hook("reusable_hvp"):
+        raise NotImplementedError(
+            f"A reusable Hessian-vector product operator is built on backends that keep a "
+            f"double-backward graph (torch). Received: the {keras.backend.backend()} backend. "
+            f"Call kgrad.hvp for each product instead."
+        )
+    options = dict(wrt=wrt, layers=layers, target=None, loss=loss, training=training)
+    return _compiled.call("hvp_operator", _hvp_operator, model, {"x": x, "y": y}, options)
+
+
+def _hvp_operator(req: _engine.Request, arrays, options):
+    wrt = options["wrt"]
+    args = req.args()
+    primal = args[wrt]
+    _, pull = func.vjp(func.grad(lambda p: req.objective({**args, wrt: p})), primal)
+
+    def apply(vector):
+        # Packed as `primal` is, in its key order (torch's pytrees keep insertion order).
+        leaves = [ops.cast(v, p.dtype) for v, p in zip(tree.flatten(vector), tree.flatten(primal))]
+        vector = _reorder(primal, tree.pack_sequence_as(primal, leaves))
+        with _backends.hook("no_grad")():
+            (hv,) = pull(vector)
+        return hv
+
+    return apply

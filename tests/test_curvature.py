@@ -202,3 +202,44 @@ def test_nan_is_reported_not_hidden(rng):
         kgrad.hessian_eigenvalues(model, x, y, loss="mse", seed=0)
     with pytest.raises(FloatingPointError, match="non-finite"):
         kgrad.hessian_trace(model, x, y, loss="mse", samples=2, seed=0)
+
+
+def test_the_linearised_operator_gives_kgrad_hvps(rng, monkeypatch):
+    # On torch, one batch's products share one linearisation (no forward pass each);
+    # they must be kgrad.hvp's, for a layer selection and for the inputs.
+    from kgrad import _hessian
+    from kgrad import backends as kgrad_backends
+
+    model, x, y = _problem(rng)
+    calls = []
+    original = _hessian.hvp
+    monkeypatch.setattr(_hessian, "hvp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    kgrad.hessian_eigenvalues(model, x, y, loss="mse", seed=0)
+    if not kgrad_backends.hook("reusable_hvp"):
+        assert calls  # one kgrad.hvp call (compiled once) per product
+        with pytest.raises(NotImplementedError, match="Call kgrad.hvp"):
+            _hessian.hvp_operator(model, x, y=y, loss="mse")
+        return
+    assert not calls  # the operator's products
+    layers = ["h2", "out"]
+    like = kgrad.grad(model, x, wrt="weights", layers=layers, y=y, loss="mse")
+    v = {k: rng.normal(size=t.shape).astype("float32") for k, t in np_dict(like).items()}
+    apply = _hessian.hvp_operator(model, x, layers=layers, y=y, loss="mse")
+    want = np_dict(kgrad.hvp(model, x, v, layers=layers, y=y, loss="mse"))
+    for _ in range(2):  # the operator is reusable
+        got = np_dict(apply(v))
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    u = rng.normal(size=x.shape).astype("float32")
+    apply = _hessian.hvp_operator(model, x, wrt="inputs", y=y, loss="mse")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(apply(u)),
+        keras.ops.convert_to_numpy(kgrad.hvp(model, x, u, wrt="inputs", y=y, loss="mse")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def np_dict(d):
+    return {k: keras.ops.convert_to_numpy(t) for k, t in d.items()}

@@ -92,6 +92,7 @@ DEFAULTS = {
     "seeded": _seeded,
     "forward_scope": contextlib.nullcontext,
     "hvp_mode": "fwd",
+    "reusable_hvp": False,
     "per_sample_hessian_mode": "fwd",
     "vmap_randomness": ("same",),
     "taylor_series": _no_taylor,
@@ -228,6 +229,16 @@ class Hooks(Protocol):
 
     hvp_mode: str
     """``"fwd"`` (forward over reverse) or ``"rev"`` (reverse over reverse) for ``hvp``."""
+
+    reusable_hvp: bool
+    """Whether one batch's Hessian-vector products may share one linearisation.
+
+    Where True, ``kgrad.hessian_eigenvalues`` and ``kgrad.hessian_trace`` take
+    the reverse-mode derivative of the gradient once for an in-memory batch
+    (``kgrad._hessian.hvp_operator``) and each product is one backward pass
+    through it, as PyHessian does; elsewhere each product is a ``kgrad.hvp``
+    call (compiled once, all passes each time).
+    """
 
     per_sample_hessian_mode: str
     """``"fwd"`` (columns, forward over reverse) or ``"rev"`` (rows) for per-sample Hessians."""

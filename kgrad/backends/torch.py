@@ -24,6 +24,9 @@ from kgrad.backends._torch_kernels import (
 )
 
 name = "torch"
+#: Each Hessian-vector product of one batch is a backward pass through one
+#: retained double-backward graph (see ``_contract.Backend.reusable_hvp``).
+reusable_hvp = True
 
 
 def convert(x):
