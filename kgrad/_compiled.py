@@ -171,7 +171,7 @@ def _traced(fname, body, model, options, entry, variables) -> Callable:
             variables=variables,
             **prepare_kwargs,
         )
-        out = body(req, arrays, options)
+        out = _backends.hook("place_results")(body(req, arrays, options), variables, arrays)
         entry.unflatten = _unflattener(tree.map_structure(lambda _: 0, out))
         return tree.flatten(out)
 
@@ -241,7 +241,7 @@ def call(
     is_layer = isinstance(model, keras.layers.Layer)
     _engine.check_x(arrays.get("x"), fname, is_layer)
     backend = _backends.load()
-    arrays = _convert(arrays, backend.convert)
+    arrays = _backends.hook("lay_out")(_convert(arrays, backend.convert))
     hooks = _hooks(backend)
 
     def eager():
@@ -259,7 +259,9 @@ def call(
         or hooks.inside_graph()  # inline: the outer graph holds it all
     ):
         return done(hooks.eager_call(eager, arrays))
-    padded = _buckets.pad(fname, model, options, arrays)
+    padded = None  # under a distribution, each batch is laid out at its own size
+    if not _backends.hook("distributed")():
+        padded = _buckets.pad(fname, model, options, arrays)
     if padded is not None:  # a batch size rounded up: one compiled function per bucket
         arrays, n = padded
         finish_padded = done

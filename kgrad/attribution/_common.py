@@ -32,11 +32,11 @@ class Target:
     def __init__(self, option: Any = None, index: np.ndarray | None = None):
         self.option, self.index = option, index
 
-    def repeat(self, times: int) -> Target:
-        """The target of ``times`` copies of the batch, stacked copy-major."""
+    def repeat_each(self, times: int) -> Target:
+        """The target of a batch whose samples each come ``times`` times in a row."""
         if self.index is None:
             return self
-        return Target(index=np.tile(self.index, times))
+        return Target(index=np.repeat(self.index, times, axis=0))
 
     def rows(self, start: int, stop: int) -> Target:
         """The target of samples ``start:stop``."""

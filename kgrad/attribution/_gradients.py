@@ -143,11 +143,11 @@ def smoothgrad(
         t = _common.resolve_target(model, batch, target, "smoothgrad")
         n = _common.batch_size(batch)
         noisy = tree.map_structure(lambda leaf: _noisy(leaf, samples, noise, rng), batch)
-        g = _common.gradient(model, noisy, t.repeat(samples), "smoothgrad", training)
+        g = _common.gradient(model, noisy, t.repeat_each(samples), "smoothgrad", training)
 
         def mean(leaf):
-            leaf = ops.reshape(leaf, (samples, n) + tuple(leaf.shape[1:]))
-            return ops.mean(ops.square(leaf) if squared else leaf, axis=0)
+            leaf = ops.reshape(leaf, (n, samples) + tuple(leaf.shape[1:]))
+            return ops.mean(ops.square(leaf) if squared else leaf, axis=1)
 
         return tree.map_structure(mean, g)
 
@@ -155,7 +155,12 @@ def smoothgrad(
 
 
 def _noisy(leaf: Any, samples: int, noise: float, rng: np.random.RandomState):
-    """``samples`` noisy copies of a batch, stacked sample-major: ``(samples * B, ...)``."""
+    """``samples`` noisy copies of each sample, sample by sample: ``(B * samples, ...)``.
+
+    The noise is drawn ``(samples, B, ...)``, as tf-keras-vis draws it; each
+    sample's copies come together so that, with the batch split over devices
+    (``keras.distribution``), a sample's mean needs no other device.
+    """
     leaf = _common.float_input(leaf, "SmoothGrad adds Gaussian noise to the inputs")
     dtype = keras.backend.standardize_dtype(leaf.dtype)
     n = leaf.shape[0]
@@ -165,4 +170,5 @@ def _noisy(leaf: Any, samples: int, noise: float, rng: np.random.RandomState):
     sigma = ops.reshape(sigma, (1, n) + (1,) * len(feat))
     eps = ops.cast(rng.standard_normal((samples, n) + feat).astype("float32"), dtype)
     copies = ops.expand_dims(leaf, 0) + eps * sigma
-    return ops.reshape(copies, (samples * n,) + feat)
+    copies = ops.moveaxis(copies, 0, 1)  # (B, samples, ...)
+    return ops.reshape(copies, (n * samples,) + feat)

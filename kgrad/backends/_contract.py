@@ -68,6 +68,18 @@ def _seeded(seed: int | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _as_given(arrays: dict) -> dict:
+    return arrays
+
+
+def _not_distributed() -> bool:
+    return False
+
+
+def _results_as_given(out: Any, variables: list, arrays: dict) -> Any:
+    return out
+
+
 def _no_taylor(g: Callable, x: Any, v: Any, order: int) -> None:
     return None
 
@@ -91,6 +103,9 @@ DEFAULTS = {
     "call_seed": _no_seed,
     "seeded": _seeded,
     "forward_scope": contextlib.nullcontext,
+    "lay_out": _as_given,
+    "distributed": _not_distributed,
+    "place_results": _results_as_given,
     "hvp_mode": "fwd",
     "reusable_hvp": False,
     "per_sample_hessian_mode": "fwd",
@@ -225,6 +240,32 @@ class Hooks(Protocol):
         """``jvp`` for one level of nested forward mode with ``inner`` levels inside it.
 
         The default is ``jvp``; a backend may switch method for nested levels.
+        """
+
+    def lay_out(self, arrays: dict) -> dict:
+        """A call's converted arrays, placed on the devices before it runs.
+
+        ``arrays`` maps names to structures: ``"x"``, ``"y"`` and
+        ``"sample_weight"`` hold batches. The default places nothing; the JAX
+        backend lays batches out with ``keras.distribution``'s data layout.
+        """
+
+    def distributed(self) -> bool:
+        """Whether calls now spread batches over several devices (``keras.distribution``).
+
+        Batch-size buckets (``kgrad._buckets``) pad no batch then: each batch
+        is laid out at its own size.
+        """
+
+    def place_results(self, out: Any, variables: list, arrays: dict) -> Any:
+        """A compiled call's results (inside the compiled function), placed on the devices.
+
+        ``variables`` are the model's variables (results keyed by a variable's
+        ``path`` with its shape are weight-shaped), ``arrays`` the call's
+        arrays (results whose first axis has the batch's size are per
+        sample). The default places nothing; the JAX backend constrains
+        weight-shaped results to their weights' layouts and per-sample ones to
+        ``keras.distribution``'s data layout.
         """
 
     hvp_mode: str

@@ -81,3 +81,24 @@ def taylor_series(g, x, v, order):
     if not isinstance(y0, jax.Array) or len(terms) != order:
         return None
     return [y0, *terms]
+
+
+def lay_out(arrays):
+    """Batches laid out with ``keras.distribution``'s data layout (``_jax_layout``)."""
+    from kgrad.backends import _jax_layout
+
+    return _jax_layout.lay_out(arrays)
+
+
+def place_results(out, variables, arrays):
+    """Results constrained to their layouts under ``keras.distribution`` (``_jax_layout``)."""
+    from kgrad.backends import _jax_layout
+
+    return _jax_layout.place_results(out, variables, arrays)
+
+
+def distributed():
+    """Whether a ``keras.distribution`` is set (``_contract.Backend.distributed``)."""
+    import keras
+
+    return keras.distribution.distribution() is not None
