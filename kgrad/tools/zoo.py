@@ -379,9 +379,10 @@ ARCHITECTURES: dict[str, Callable] = {
 #: The subset the ``cross`` tox env runs in CI (small, quick to build). The
 #: recurrent, text-CNN, nested-Sequential and subclassed architectures are
 #: compared across backends by ``tox -e zoo``; in CI the test suites cover them
-#: per backend.
+#: per backend. MobileNet (V1) is left to ``tox -e zoo`` for CI's time: the
+#: nested MobileNetV2 backbone here covers its depthwise, BatchNormalization
+#: and ReLU6 layers across backends.
 CI = (
-    "MobileNet",
     "lstm_stack",
     "transformer_text",
     "unet_small",
