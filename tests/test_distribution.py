@@ -1,8 +1,11 @@
-"""kgrad under keras.distribution on 8 simulated CPU devices (JAX).
+"""kgrad under the frameworks' own engines, on simulated CPU devices.
 
 tests/distributed_check.py runs every public function on one device and under
-the distribution, in a process of its own (JAX fixes its device count when it
-starts), and reports the differences and where each result lies.
+keras.distribution (JAX, 8 devices), in a process of its own (JAX fixes its
+device count when it starts), and reports the differences and where each
+result lies. tests/distributed_fit.py trains through kgrad with `fit` on one
+device and under DataParallel (JAX) or MirroredStrategy (TensorFlow, 2
+logical CPU devices).
 """
 
 import json
@@ -12,17 +15,24 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "jax",
-    reason="keras.distribution runs on JAX (tested in the jax suite)",
+BACKEND = keras.backend.backend()
+jax_only = pytest.mark.skipif(
+    BACKEND != "jax", reason="keras.distribution runs on JAX (tested in the jax suite)"
 )
 CHECK = pathlib.Path(__file__).with_name("distributed_check.py")
+FIT = pathlib.Path(__file__).with_name("distributed_fit.py")
 
 
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+@jax_only
 def test_every_function_under_data_and_model_parallel():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = _clean_env()
     kinds = ["DataParallel", "ModelParallel"]
     res = subprocess.run(
         [sys.executable, str(CHECK), *kinds], capture_output=True, text=True, env=env, timeout=900
@@ -44,3 +54,53 @@ def test_every_function_under_data_and_model_parallel():
         assert "must divide the batch size" in refused and "Received: a batch of 13" in refused
     kernels = report["ModelParallel"]["kernels"]
     assert kernels == {"h/kernel": "P(None, 'model')", "o/kernel": "P('model', None)"}
+
+
+RUN_GUIDE = """
+import pathlib, re, sys, textwrap
+guide = pathlib.Path(sys.argv[1]).read_text()
+scope = {}
+for block in re.findall(r"```python\\n(.*?)```", guide, re.S):
+    exec(compile(textwrap.dedent(block), "docs/scaling.md", "exec"), scope)
+"""
+
+
+@jax_only
+def test_the_scaling_guide_runs():
+    # Its first block sets 8 simulated devices, so it runs in a fresh process.
+    guide = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
+    env = _clean_env()
+    res = subprocess.run(
+        [sys.executable, "-c", RUN_GUIDE, str(guide)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "P('batch',) P('batch',)", res.stdout
+    assert lines[1] == "P(None, 'model')", res.stdout
+    assert "must divide the batch size" in lines[2], res.stdout
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="fit has no multi-device engine on torch")
+def test_fit_through_kgrad_under_the_engine_matches_one_device():
+    # A gradient penalty and a Laplacian residual in compute_loss, three epochs of
+    # SGD: the engine splits each batch over its devices and must end where one
+    # device ends (float32 sums in another order).
+    res = subprocess.run(
+        [sys.executable, str(FIT), BACKEND],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["devices"] == (8 if BACKEND == "jax" else 2)
+    (single, single_loss), (spread, spread_loss) = report["single"], report["spread"]
+    assert single_loss[-1] < single_loss[0]  # it trains
+    np.testing.assert_allclose(spread_loss, single_loss, rtol=1e-5)
+    for a, b in zip(spread, single):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
