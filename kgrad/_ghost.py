@@ -182,7 +182,7 @@ def per_sample_losses(req, y_pred, sample_weight):
 
     def one(sample):
         yp, yt, w = tree.map_structure(lambda t: ops.expand_dims(t, 0), sample)
-        return _loss.value(req.model, req.loss, yt, yp, sample_weight=w)
+        return _loss.unscaled(_loss.value(req.model, req.loss, yt, yp, sample_weight=w))
 
     weights = sample_weight
     if weights is None:

@@ -16,7 +16,7 @@ import math
 import keras
 import numpy as np
 
-from kgrad import _batches, _compiled, _errors, _ghost, _jac, _memory, func
+from kgrad import _batches, _compiled, _errors, _ghost, _jac, _loss, _memory, func
 from kgrad._jacobian import _check_chunk
 
 ops = keras.ops
@@ -245,10 +245,13 @@ def _mapped_gradient(req, wrt, sample_weight, only=None):
     def one(sample):
         xb, yb, wb = tree.map_structure(lambda t: ops.expand_dims(t, 0), sample)
         sub = dataclasses.replace(req, x=xb, y=yb, batch_size=1, sample_weight=wb)
+        # Each sample's own loss, not a tf.distribute replica's share of it.
         if wrt == "weights":
             chosen = weights if only is None else {p: weights[p] for p in only}
-            return func.grad(lambda w: sub.objective({**args, "weights": {**weights, **w}}))(chosen)
-        g = func.grad(lambda xi: sub.objective({"inputs": xi}))(xb)
+            return func.grad(
+                lambda w: _loss.unscaled(sub.objective({**args, "weights": {**weights, **w}}))
+            )(chosen)
+        g = func.grad(lambda xi: _loss.unscaled(sub.objective({"inputs": xi})))(xb)
         return tree.map_structure(lambda t: t[0], g)
 
     sw = sample_weight if sample_weight is not None else ops.ones((_batch_of(req.x),))

@@ -56,11 +56,12 @@ def test_every_function_under_data_and_model_parallel():
     assert kernels == {"h/kernel": "P(None, 'model')", "o/kernel": "P('model', None)"}
 
 
+# Runs the guide's blocks that open with FENCE (argv[2]), in order, in one scope.
 RUN_GUIDE = """
 import pathlib, re, sys, textwrap
 guide = pathlib.Path(sys.argv[1]).read_text()
 scope = {}
-for block in re.findall(r"```python\\n(.*?)```", guide, re.S):
+for block in re.findall(re.escape(sys.argv[2]) + r"\\n(.*?)```", guide, re.S):
     exec(compile(textwrap.dedent(block), "docs/scaling.md", "exec"), scope)
 """
 
@@ -71,7 +72,7 @@ def test_the_scaling_guide_runs():
     guide = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
     env = _clean_env()
     res = subprocess.run(
-        [sys.executable, "-c", RUN_GUIDE, str(guide)],
+        [sys.executable, "-c", RUN_GUIDE, str(guide), "```python"],
         capture_output=True,
         text=True,
         env=env,
@@ -104,3 +105,18 @@ def test_fit_through_kgrad_under_the_engine_matches_one_device():
     np.testing.assert_allclose(spread_loss, single_loss, rtol=1e-5)
     for a, b in zip(spread, single):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute: the tensorflow suite")
+def test_the_scaling_guides_tf_distribute_recipe_runs():
+    # Per-sample results gathered from two replicas equal one device's.
+    guide = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
+    res = subprocess.run(
+        [sys.executable, "-c", RUN_GUIDE, str(guide), '```python title="tf_distribute.py"'],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "(100, 16) True", res.stdout
