@@ -120,3 +120,25 @@ def test_the_scaling_guides_tf_distribute_recipe_runs():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "(100, 16) True", res.stdout
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed: the torch suite")
+def test_the_scaling_guides_torchrun_recipe_runs(tmp_path):
+    # Two processes (gloo, CPU): the gathered per-sample results equal one process's.
+    import re
+
+    guide = (pathlib.Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
+    (block,) = re.findall(r'```python title="torch_distributed.py"\n(.*?)```', guide, re.S)
+    script = tmp_path / "torch_distributed.py"
+    script.write_text(block)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    res = subprocess.run(
+        [*run, str(script)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "(100, 16) True", res.stdout
