@@ -5,7 +5,9 @@ keras.distribution (JAX, 8 devices), in a process of its own (JAX fixes its
 device count when it starts), and reports the differences and where each
 result lies. tests/distributed_fit.py trains through kgrad with `fit` on one
 device and under DataParallel (JAX) or MirroredStrategy (TensorFlow, 2
-logical CPU devices).
+logical CPU devices). docs/scaling.md's recipes run as written: two
+jax.distributed processes (gloo), MirroredStrategy's replicas, two torchrun
+processes (gloo). Each suite runs its backend's tests.
 """
 
 import json
@@ -142,3 +144,34 @@ def test_the_scaling_guides_torchrun_recipe_runs(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "(100, 16) True", res.stdout
+
+
+@jax_only
+def test_the_scaling_guides_jax_distributed_recipe_runs(tmp_path):
+    # Two processes (gloo collectives on CPU), each with its part of the batch:
+    # the gathered results equal one process's.
+    import re
+    import socket
+
+    guide = (pathlib.Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
+    (block,) = re.findall(r'```python title="jax_distributed.py"\n(.*?)```', guide, re.S)
+    script = tmp_path / "jax_distributed.py"
+    script.write_text(block)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(),
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0][0].strip().splitlines()[-1] == "(100, 16) True", outs[0][0]

@@ -39,13 +39,17 @@ def _lay_out_one(t, distribution):
     sharding = layout.backend_layout
     if t.sharding.is_equivalent_to(sharding, t.ndim):
         return t
+    # With several processes (jax.distributed), each passes its own part of the
+    # global batch, split over its own devices along the batch dimension.
     batch, parts = t.shape[0], _batch_parts(layout)
-    if batch % parts:
+    local = max(1, parts // jax.process_count())
+    if batch % local:
+        where = f"{parts} devices" + (f", {local} in this process" if local != parts else "")
         raise ValueError(
             f"Under {type(distribution).__name__}, a batch is split along its first axis over "
-            f"the mesh's '{distribution.batch_dim_name}' dimension of {parts} devices, which "
+            f"the mesh's '{distribution.batch_dim_name}' dimension ({where}), which "
             f"must divide the batch size. Received: a batch of {batch} samples (shape "
-            f"{tuple(t.shape)}). Pass a batch whose size is a multiple of {parts} (drop or pad "
+            f"{tuple(t.shape)}). Pass a batch whose size is a multiple of {local} (drop or pad "
             f"the remainder, as `drop_remainder=True` does for a tf.data dataset)."
         )
     return distribution_lib.distribute_data_input(
