@@ -6,7 +6,8 @@ is fixed when JAX starts)::
     python tests/distributed_check.py DataParallel ModelParallel
 
 For each function: the result on one device (no distribution), then under the
-distribution on a model with the same weights. Prints one JSON line: per
+distribution on a model with the same weights (an MLP with a LayerNormalization;
+Grad-CAM on a small CNN). Prints one JSON line: per
 function, the largest difference, and for each result array whether it is
 laid out as expected: per-sample results split along the batch axis over the
 mesh's batch dimension, weight-shaped results with their weight's layout.
@@ -39,7 +40,22 @@ def build():
     return keras.Model(inputs, L.Dense(6, name="o")(h), name="net")
 
 
-def calls(model, x, y, loss):
+def build_conv():
+    inputs = keras.Input((6, 6, 2))
+    h = L.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    return keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(h)), name="cnn")
+
+
+def report_numbers(report):
+    """A grad report's numbers, layer by layer, as arrays."""
+    out = {}
+    for name, stats in report.layers.items():
+        norms = [stats.activation_norm, stats.output_grad_norm, *stats.weight_grad_norms.values()]
+        out[name] = np.array([np.nan if v is None else v for v in norms], "float64")
+    return out
+
+
+def calls(model, x, y, loss, conv, images):
     """name -> (result, kind): kind says which results are per-sample or weight-shaped."""
     v = {w.path: np.full(w.shape, 0.1, "float32") for w in model.trainable_variables}
     direction = np.ones_like(x)
@@ -75,6 +91,8 @@ def calls(model, x, y, loss):
         "integrated_gradients": (A.integrated_gradients(model, x, target=1, steps=8), "batch"),
         "smoothgrad": (A.smoothgrad(model, x, target=1, samples=4, seed=0), "batch"),
         "check_grad": (np.float32(kgrad.check_grad(model, x).ok), "host"),
+        "grad_report": (report_numbers(kgrad.grad_report(model, x, y, loss=loss)), "host"),
+        "gradcam": (A.gradcam(conv, images, target=1, layer="conv"), "batch"),
     }
 
 
@@ -125,22 +143,25 @@ def main(kinds: list[str]) -> None:
     x = rng.normal(size=(B, 6)).astype("float32")
     y = rng.normal(size=(B, 6)).astype("float32")
     loss = "mse"
-    reference_model = build()
-    reference = calls(reference_model, x, y, loss)
+    images = rng.normal(size=(B, 6, 6, 2)).astype("float32")
+    reference_model, reference_conv = build(), build_conv()
+    reference = calls(reference_model, x, y, loss, reference_conv, images)
     devices = jax.devices()
     out = {"devices": len(devices)}
     for kind in kinds:
         distribution = distribution_of(kind, devices)
         keras.distribution.set_distribution(distribution)
-        model = build()
+        model, conv = build(), build_conv()
         model.set_weights(reference_model.get_weights())
+        conv.set_weights(reference_conv.get_weights())
         kernels = {w.path: str(w.value.sharding.spec) for w in model.weights if "kernel" in w.path}
         report = {}
-        for name, (got, what) in calls(model, x, y, loss).items():
+        for name, (got, what) in calls(model, x, y, loss, conv, images).items():
             want = reference[name][0]
             diff, placed = 0.0, True
             for (path, g), (_, w) in zip(leaves_with_paths(got), leaves_with_paths(want)):
-                diff = max(diff, float(np.max(np.abs(np.asarray(g) - np.asarray(w)), initial=0.0)))
+                gap = np.abs(np.asarray(g, "float64") - np.asarray(w, "float64"))
+                diff = max(diff, float(np.nanmax(gap, initial=0.0)))
                 placed = placed and laid_out(g, what, path, model, distribution.batch_dim_name)
             report[name] = {"max_difference": diff, "laid_out": placed}
         try:
