@@ -18,6 +18,9 @@ collect_ignore = [
     for name, prefix in _HELPER_PREFIX.items()
     if name != _active and (file == f"{name}.py" or file.startswith(prefix))
 ]
+# Scripts that tests/test_distribution.py runs in processes of their own: importing one
+# (as --doctest-modules would) sets the backend and the device count of the process.
+collect_ignore += ["tests/distributed_check.py", "tests/distributed_fit.py"]
 
 
 def pytest_configure(config):

@@ -390,11 +390,10 @@ def _one(term: _Term, y_pred: Any, outputs: _Outputs, loss: Any, sample_weight: 
 def unscaled(value: Any) -> Any:
     """``value`` without the replica share Keras's losses take under ``tf.distribute``.
 
-    Inside a ``tf.distribute`` replica context (``strategy.run``, ``fit`` under
-    ``MirroredStrategy``) every Keras loss is divided by the number of
-    replicas, so that summing the replicas' gradients gives the global batch's.
-    A per-sample result is each sample's own: its loss is multiplied back.
-    Elsewhere (any other backend, no strategy) ``value`` is returned as is.
+    In a ``tf.distribute`` replica context (``strategy.run``, ``fit`` under
+    ``MirroredStrategy``) Keras divides every loss by the number of replicas;
+    a per-sample result is each sample's own, so it is multiplied back.
+    Elsewhere ``value`` is returned as is.
     """
     from keras.src.losses import loss as keras_loss
 
