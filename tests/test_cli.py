@@ -97,6 +97,10 @@ class Shift(keras.layers.Layer):  # not registered: needs --custom-objects
 """
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="loading custom objects does not depend on the backend: tested under jax",
+)
 def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     (tmp_path / "mylayers.py").write_text(CUSTOM_LAYERS)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -151,10 +155,7 @@ def test_custom_objects_load_in_report_and_compare(tmp_path, rng, monkeypatch):
     w1 = keras.ops.convert_to_numpy(model.layers[0].kernel)
     expected = np.load(x) * (3 * w1 @ w2[:, 1])
     np.testing.assert_allclose(np.load(tmp_path / "input_x_gradient.npy"), expected, rtol=1e-5)
-    # compare, from another folder: the .py file by path, in every worker (under
-    # jax only, see `compare_suite`).
-    if keras.backend.backend() != "jax":
-        return
+    # compare, from another folder: the .py file by path, in every worker.
     module = str(tmp_path / "mylayers.py")
     res = _kgrad(
         "compare",
