@@ -241,8 +241,8 @@ def call(
     is_layer = isinstance(model, keras.layers.Layer)
     _engine.check_x(arrays.get("x"), fname, is_layer)
     backend = _backends.load()
-    arrays = _backends.hook("lay_out")(_convert(arrays, backend.convert))
     hooks = _hooks(backend)
+    arrays = hooks.lay_out(_convert(arrays, backend.convert))
 
     def eager():
         prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
@@ -260,7 +260,7 @@ def call(
     ):
         return done(hooks.eager_call(eager, arrays))
     padded = None  # under a distribution, each batch is laid out at its own size
-    if not _backends.hook("distributed")():
+    if not hooks.distributed():
         padded = _buckets.pad(fname, model, options, arrays)
     if padded is not None:  # a batch size rounded up: one compiled function per bucket
         arrays, n = padded
@@ -319,7 +319,7 @@ def _entry(model, spec, fname, body, options, compile_call) -> _Entry:
 
 
 class _Hooks:
-    __slots__ = ("compile_call", "inside_graph", "eager_call")
+    __slots__ = ("compile_call", "inside_graph", "eager_call", "lay_out", "distributed")
 
     def __init__(self, backend):
         compile_call = _backends.hook("compile_call")
@@ -328,6 +328,8 @@ class _Hooks:
         )
         self.inside_graph = _backends.hook("inside_graph")
         self.eager_call = _backends.hook("eager_call")
+        self.lay_out = _backends.hook("lay_out")
+        self.distributed = _backends.hook("distributed")
 
 
 _hooks_of: dict = {}
