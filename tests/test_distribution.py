@@ -13,6 +13,7 @@ processes (gloo). Each suite runs its backend's tests.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,17 @@ jax_only = pytest.mark.skipif(
     BACKEND != "jax", reason="keras.distribution runs on JAX (tested in the jax suite)"
 )
 CHECK = pathlib.Path(__file__).with_name("distributed_check.py")
+GUIDE = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
 FIT = pathlib.Path(__file__).with_name("distributed_fit.py")
+
+
+def _guide_script(folder, title):
+    """The guide's block titled ``title``, written to ``folder / title``."""
+    fence = f'```python title="{re.escape(title)}"'
+    (block,) = re.findall(fence + r"\n(.*?)```", GUIDE.read_text(), re.S)
+    script = folder / title
+    script.write_text(block)
+    return script
 
 
 def _clean_env():
@@ -71,10 +82,9 @@ for block in re.findall(re.escape(sys.argv[2]) + r"\\n(.*?)```", guide, re.S):
 @jax_only
 def test_the_scaling_guide_runs():
     # Its first block sets 8 simulated devices, so it runs in a fresh process.
-    guide = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
     env = _clean_env()
     res = subprocess.run(
-        [sys.executable, "-c", RUN_GUIDE, str(guide), "```python"],
+        [sys.executable, "-c", RUN_GUIDE, str(GUIDE), "```python"],
         capture_output=True,
         text=True,
         env=env,
@@ -112,9 +122,8 @@ def test_fit_through_kgrad_under_the_engine_matches_one_device():
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute: the tensorflow suite")
 def test_the_scaling_guides_tf_distribute_recipe_runs():
     # Per-sample results gathered from two replicas equal one device's.
-    guide = pathlib.Path(__file__).parents[1] / "docs" / "scaling.md"
     res = subprocess.run(
-        [sys.executable, "-c", RUN_GUIDE, str(guide), '```python title="tf_distribute.py"'],
+        [sys.executable, "-c", RUN_GUIDE, str(GUIDE), '```python title="tf_distribute.py"'],
         capture_output=True,
         text=True,
         env=_clean_env(),
@@ -127,12 +136,7 @@ def test_the_scaling_guides_tf_distribute_recipe_runs():
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed: the torch suite")
 def test_the_scaling_guides_torchrun_recipe_runs(tmp_path):
     # Two processes (gloo, CPU): the gathered per-sample results equal one process's.
-    import re
-
-    guide = (pathlib.Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
-    (block,) = re.findall(r'```python title="torch_distributed.py"\n(.*?)```', guide, re.S)
-    script = tmp_path / "torch_distributed.py"
-    script.write_text(block)
+    script = _guide_script(tmp_path, "torch_distributed.py")
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     res = subprocess.run(
         [*run, str(script)],
@@ -150,13 +154,9 @@ def test_the_scaling_guides_torchrun_recipe_runs(tmp_path):
 def test_the_scaling_guides_jax_distributed_recipe_runs(tmp_path):
     # Two processes (gloo collectives on CPU), each with its part of the batch:
     # the gathered results equal one process's.
-    import re
     import socket
 
-    guide = (pathlib.Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
-    (block,) = re.findall(r'```python title="jax_distributed.py"\n(.*?)```', guide, re.S)
-    script = tmp_path / "jax_distributed.py"
-    script.write_text(block)
+    script = _guide_script(tmp_path, "jax_distributed.py")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
