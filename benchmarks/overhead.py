@@ -12,8 +12,11 @@ function an expert would write for the same model, in the same process:
 - JAX: ``jax.jit`` of ``jax.grad`` of the model's ``stateless_call``, called
   with the variable values as arguments (kgrad passes them as arguments too);
 - TensorFlow: a ``tf.function`` around a ``GradientTape``;
-- PyTorch: ``torch.func.grad`` of ``torch.func.functional_call``, eagerly
-  (kgrad runs eagerly on PyTorch).
+- PyTorch: ``torch.autograd.grad`` of ``model(x).sum()``, eagerly (kgrad
+  runs eagerly on PyTorch).
+
+Before timing, each native result is checked against kgrad's, so a native
+baseline that computes something else cannot pass for a fast one.
 
 The model is tiny, so the time is almost all dispatch: the difference is
 kgrad's own per-call overhead (building the cache key, reading the
@@ -85,24 +88,17 @@ def _native(model, x):
     import torch
 
     xt = torch.as_tensor(x)
-    params = dict(model.named_parameters())
+    params = list(model.parameters())
 
-    def out_sum_x(x):
-        return model(x).sum()
-
-    def out_sum_w(p):
-        return torch.func.functional_call(model, p, (xt,)).sum()
-
-    gx = torch.func.grad(out_sum_x)
-    gw = torch.func.grad(out_sum_w)
-
+    # Plain autograd, as one writes it by hand. (`torch.func.functional_call`
+    # cannot swap a Keras model's weights: its layers read their variables, not
+    # the module's parameters, so its weight gradient is all zeros.)
     def inputs():
-        with torch.no_grad():
-            return gx(xt)
+        xr = xt.detach().requires_grad_(True)
+        return torch.autograd.grad(model(xr).sum(), xr)[0]
 
     def weights():
-        with torch.no_grad():
-            return gw(params)
+        return torch.autograd.grad(model(xt).sum(), params)
 
     return inputs, weights
 
@@ -124,6 +120,17 @@ def _time(fns, calls: int, rounds: int) -> list[float]:
     return [b * 1e6 for b in best]
 
 
+def _check(ours, theirs) -> None:
+    """Raises unless every native array equals one of kgrad's (weights come in any order)."""
+    ours = [np.asarray(keras.ops.convert_to_numpy(a)) for a in keras.tree.flatten(ours)]
+    theirs = [np.asarray(keras.ops.convert_to_numpy(a)) for a in keras.tree.flatten(theirs)]
+    for a in theirs:
+        if not any(b.shape == a.shape and np.allclose(a, b, rtol=1e-4, atol=1e-6) for b in ours):
+            raise AssertionError(f"A native result of shape {a.shape} is not kgrad's.")
+    if len(ours) != len(theirs):
+        raise AssertionError(f"kgrad gives {len(ours)} arrays, native code {len(theirs)}.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
@@ -137,6 +144,8 @@ def main(argv=None) -> int:
         ("grad wrt inputs", lambda: kgrad.grad(model, xk), native_x),
         ("grad wrt weights", lambda: kgrad.grad(model, xk, wrt="weights"), native_w),
     ]
+    _check(kgrad.grad(model, xk), native_x())
+    _check(kgrad.grad(model, xk, wrt="weights"), native_w())
     print(f"backend {keras.backend.backend()}, {args.calls} calls x {args.rounds} rounds")
     print(f"{'case':<18} {'kgrad us':>9} {'native us':>10} {'overhead us':>12}")
     for name, ours, theirs in cases:

@@ -46,6 +46,44 @@ def test_a_users_stateless_scope_reaches_compiled_calls(rng):
         np.testing.assert_allclose(g, _np_kernel_grad(x, *own), rtol=1e-4, atol=1e-5)
 
 
+class _Counting(keras.Model):
+    """Counts how often Python runs its ``call`` (tracing runs it, compiled code does not)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d = keras.layers.Dense(2, activation="tanh", name="d")
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return self.d(x)
+
+
+@pytest.mark.skipif(not CACHES, reason="torch runs model-level calls eagerly")
+def test_calls_in_and_out_of_a_users_scope_trace_once_each(rng):
+    # On TensorFlow the state is tf.Variables outside a scope and tensors inside
+    # one; each kind is traced once, then its traced function is called directly.
+    model = _Counting(name="counting")
+    x = rng.normal(size=(5, 3)).astype("float32")
+    model(x)
+    own = [np.array(v) for v in model.get_weights()]
+    mapped = [rng.normal(size=v.shape).astype("float32") for v in own]
+    mapping = list(zip(model.trainable_variables, [ops.convert_to_tensor(m) for m in mapped]))
+    model.calls = 0
+    for _ in range(3):
+        g = np_(kgrad.grad(model, x, wrt="weights"))[model.d.kernel.path]
+        np.testing.assert_allclose(g, _np_kernel_grad(x, *own), rtol=1e-4, atol=1e-5)
+        with keras.StatelessScope(state_mapping=mapping):
+            g = np_(kgrad.grad(model, x, wrt="weights"))[model.d.kernel.path]
+        np.testing.assert_allclose(g, _np_kernel_grad(x, *mapped), rtol=1e-4, atol=1e-5)
+    assert model.calls <= 2, model.calls
+    # New weights reach the traced function (they are arguments, never constants).
+    model.set_weights([w * 2 for w in own])
+    g = np_(kgrad.grad(model, x, wrt="weights"))[model.d.kernel.path]
+    np.testing.assert_allclose(g, _np_kernel_grad(x, *[w * 2 for w in own]), rtol=1e-4, atol=1e-5)
+    assert model.calls <= 2, model.calls
+
+
 def test_recompiling_the_model_changes_the_compiled_loss(rng):
     # `y` without `loss` uses the compiled loss; `compile()` replaces it, and a
     # new object may reuse a freed one's id.

@@ -126,3 +126,36 @@ def test_differentiable_changes_no_number(rng):
     with kgrad.differentiable():
         inside = np_(kgrad.jacobian(model, x))
     np.testing.assert_allclose(inside, np_(kgrad.jacobian(model, x)), rtol=1e-6, atol=1e-7)
+
+
+@torch_only
+@pytest.mark.parametrize("grad_mode", ["on", "no_grad"])
+def test_func_grad_through_a_model_level_call_in_either_grad_mode(grad_mode, rng):
+    # Under torch.no_grad() kgrad's gradients take plain autograd (cheaper than
+    # torch.func outside any transform); a kgrad call inside the differentiated
+    # function must still keep its graph there, or the outer gradient is zero.
+    import contextlib
+
+    import torch
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(1, name="d")(inp))
+    x = rng.normal(size=(6, 3)).astype("float32")
+    kernel = model.get_layer("d").kernel
+    w = np.array(kernel.numpy())
+
+    def loss(weights):
+        mapping = [(v, weights[v.path]) for v in model.trainable_variables]
+        with keras.StatelessScope(state_mapping=mapping):
+            return ops.sum(kgrad.grad(model, x) ** 2)
+
+    mode = torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()
+    with mode:
+        g = kgrad.func.grad(loss)(kgrad.func.weights_of(model))
+        plain = kgrad.grad(model, x, wrt="weights")
+    np.testing.assert_allclose(np_(g[kernel.path]), 2 * 6 * w, rtol=1e-5)
+    # d sum(x @ w + b) / dw is the column sums of x; and no result holds a graph.
+    np.testing.assert_allclose(np_(plain[kernel.path]), x.sum(0)[:, None], rtol=1e-5)
+    assert not any(t.requires_grad for t in _tensors(plain))
+    if grad_mode == "no_grad":
+        assert not g[kernel.path].requires_grad

@@ -44,11 +44,14 @@ def _old_style_function(err: RuntimeError) -> bool:
     return "setup_context" in str(err)
 
 
-def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
-    """``value_and_grad`` by ``torch.autograd.grad``, for what ``torch.func`` refuses.
+def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs, create_graph=True):
+    """``value_and_grad`` by ``torch.autograd.grad``.
 
-    ``create_graph=True`` keeps the result differentiable (an outer ``fit``
-    step or a second derivative can go through it).
+    Used for what ``torch.func`` refuses, and outside every ``torch.func``
+    transform, where it gives the same numbers at less cost (``torch.func``
+    wraps every tensor the function touches). ``create_graph=True`` keeps the
+    result differentiable (an outer ``fit`` step or a second derivative can go
+    through it); with ``False`` the value and aux are returned detached.
     """
     tree = keras.tree
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
@@ -60,18 +63,62 @@ def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
         ]
         args[i] = tree.pack_sequence_as(args[i], flat)
         leaves.append(flat)
-    with torch.enable_grad():
+    from kgrad import _recording
+
+    # kgrad's model-level calls inside `f` keep their graphs, as they do inside
+    # a torch.func transform (see kgrad._recording), so the gradient flows through them.
+    with torch.enable_grad(), _recording.differentiable():
         out = f(*args, **kwargs)
     value, aux = out if has_aux else (out, None)
     flat = [t for group in leaves for t in group]
-    grads = torch.autograd.grad(value, flat, create_graph=True, allow_unused=True)
+    if flat and value.requires_grad:
+        grads = torch.autograd.grad(value, flat, create_graph=create_graph, allow_unused=True)
+    else:  # no argument (an empty dict of weights), or none that the value depends on
+        grads = [None] * len(flat)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
+    if not create_graph:
+        value = value.detach()
+        aux = keras.tree.map_structure(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux
+        )
     packed, start = [], 0
     for i, group in zip(nums, leaves):
         packed.append(tree.pack_sequence_as(args[i], grads[start : start + len(group)]))
         start += len(group)
     g = packed[0] if isinstance(argnums, int) else tuple(packed)
     return ((value, aux), g) if has_aux else (value, g)
+
+
+def _plain_autograd_suffices(args, argnums) -> bool:
+    """Whether ``value_and_grad`` can take plain autograd's cheaper path.
+
+    That is, under ``torch.no_grad()`` (where kgrad runs a plain model-level
+    call, see ``eager_call``), outside every ``torch.func`` transform, for
+    floating-point tensor arguments. There ``torch.func.grad`` differentiates
+    ``f`` all the same and returns results without history, and so does plain
+    autograd with ``create_graph=False``; nothing needs functorch's levels.
+    With grad mode on, an outer graph may differentiate the result through
+    tensors that ``f`` captures (a model's weights), which ``torch.func``
+    tracks; anything else gets ``torch.func``'s own errors.
+    """
+    if torch.is_grad_enabled() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    try:
+        return all(_float_tensors(args[i]) for i in nums)
+    except IndexError:
+        return False
+
+
+def _float_tensors(tree_) -> bool:
+    """Whether every leaf of a tensor, dict, list or tuple is a float tensor (else False)."""
+    if isinstance(tree_, torch.Tensor):
+        return tree_.is_floating_point()
+    if type(tree_) is dict:
+        return all(_float_tensors(v) for v in tree_.values())
+    if type(tree_) in (list, tuple):
+        return all(_float_tensors(v) for v in tree_)
+    return False  # other containers and leaves take torch.func's path
 
 
 def grad(f, argnums=0, has_aux=False):
@@ -116,14 +163,17 @@ jacrev.__doc__ = "``torch.func.jacrev`` on kernels whose derivatives compose."
 def value_and_grad(f, argnums=0, has_aux=False):
     """``torch.func.grad_and_value`` with JAX's order of results.
 
-    Where ``f`` runs an old-style ``autograd.Function`` (Keras's
-    ``ops.custom_gradient`` on torch), which ``torch.func`` refuses, the
-    gradient is taken with ``torch.autograd.grad`` instead.
+    Outside every ``torch.func`` transform, and where ``f`` runs an
+    old-style ``autograd.Function`` (Keras's ``ops.custom_gradient`` on torch),
+    which ``torch.func`` refuses, the gradient is taken with
+    ``torch.autograd.grad`` instead (see ``_plain_autograd_suffices``).
     """
     inner = tf_func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
+        if _plain_autograd_suffices(args, argnums):
+            return _autograd_value_and_grad(f, argnums, has_aux, args, kwargs, create_graph=False)
         try:
             g, value = inner(*args, **kwargs)
         except RuntimeError as err:
@@ -255,12 +305,16 @@ def cannot_vmap(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and "vmap" in str(err)
 
 
-def batched_map(fn, stacked):
-    """``torch.func.vmap`` over directions, on the transform kernels; a loop where it fails.
+def batched_map(fn, stacked, fold=None):
+    """``torch.func.vmap`` over directions, on the transform kernels; a fold or loop if it fails.
 
     The mapped axis runs over directions (Jacobian rows or columns) of one
     function, so random ops (Dropout with ``training=True``) draw the same
-    values for every direction, as in the unmapped forward pass.
+    values for every direction, as in the unmapped forward pass. Where
+    ``vmap`` cannot map the model (Keras's Conv2D), ``fold(stacked)`` computes
+    the directions as copies of the batch in one pass (per-sample derivatives
+    with respect to the inputs, see ``kgrad._jac._folded_jvp``); other maps
+    loop over the directions, with a warning.
     """
     from kgrad.backends._loop import loop_map, warn_loop
 
@@ -270,6 +324,9 @@ def batched_map(fn, stacked):
     except RuntimeError as err:
         if not cannot_vmap(err):
             raise
+        if fold is not None:
+            with transform_kernels():
+                return fold(stacked)
         n = keras.tree.flatten(stacked)[0].shape[0]
         warn_loop(f"torch.func.vmap cannot vectorise this model ({str(err).splitlines()[0]})", n)
         return loop_map(fn, stacked)
