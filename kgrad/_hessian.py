@@ -108,6 +108,10 @@ def _hessian(req: _engine.Request, arrays, options):
             _check_batch_first(req, out_shape, "hessian", per_sample)
         out_rank = max(len(out_shape) - 1, 0)
         flat = tree.flatten(struct)
+        if per_sample:
+            results = _per_sample_blocks(req, args, kind, struct, out_shape, chunk_size)
+            per_kind[kind] = tree.pack_sequence_as(struct, results)
+            continue
         results = []
         for i, leaf in enumerate(flat):
 
@@ -115,37 +119,42 @@ def _hessian(req: _engine.Request, arrays, options):
                 return _substitute(args, kind, struct, flat, i, v)
 
             if req.has_loss:
-                scalar = lambda v, sub=sub: req.objective(sub(v))
-                first = func.grad(scalar)  # (B, *feat)
+                first = func.grad(lambda v, sub=sub: req.objective(sub(v)))
             else:
-                if per_sample:
-                    summed = lambda v, sub=sub: ops.sum(_float_output(req, sub(v)), axis=0)
-                    first = func.jacrev(summed) if out_rank else func.grad(summed)
-                else:
-                    first = func.jacrev(lambda v, sub=sub: _float_output(req, sub(v)))
-            feat = tuple(leaf.shape[1:])
-            n_feat = math.prod(feat)
-            if per_sample:
-                n_out = math.prod(out_shape[1:]) if out_rank else 1
-                shape = (leaf.shape[0], n_out, n_feat, n_feat)
-                _memory.check(
-                    "Hessian",
-                    [shape],
-                    min(chunk_size or n_feat, n_feat)
-                    * _itemsize(leaf)
-                    * n_out
-                    * _memory.known_size(tuple(leaf.shape)),
-                    _itemsize(leaf),
-                    "hessian",
-                )
-                results.append(_jac.per_sample_hessian_columns(first, leaf, chunk_size))
-            else:
-                n_all = _memory.known_size(tuple(leaf.shape))
-                n_out = _memory.known_size(out_shape) if out_rank else 1
-                _memory.check("Hessian", [(n_out, n_all, n_all)], 0, _itemsize(leaf), "hessian")
-                results.append(_jac.jacobian(first, leaf, mode="fwd", chunk_size=chunk_size))
+                first = func.jacrev(lambda v, sub=sub: _float_output(req, sub(v)))
+            n_all = _memory.known_size(tuple(leaf.shape))
+            n_out = _memory.known_size(out_shape) if out_rank else 1
+            _memory.check("Hessian", [(n_out, n_all, n_all)], 0, _itemsize(leaf), "hessian")
+            results.append(_jac.jacobian(first, leaf, mode="fwd", chunk_size=chunk_size))
         per_kind[kind] = tree.pack_sequence_as(struct, results)
     return _result(req, per_kind)
+
+
+def _per_sample_blocks(req, args, kind, struct, out_shape, chunk_size):
+    """Each sample's Hessian block of every leaf of ``args[kind]``, the model run once for all."""
+    out_rank = max(len(out_shape) - 1, 0)
+    n_out = math.prod(out_shape[1:]) if out_rank else 1
+    flat = tree.flatten(struct)
+    total = sum(math.prod(tuple(leaf.shape[1:])) for leaf in flat)
+    chunk = min(chunk_size or total, total)
+    # One chunk of directions holds every leaf's tangent output.
+    working = chunk * n_out * sum(_memory.known_size(tuple(leaf.shape)) for leaf in flat)
+    shapes = [(leaf.shape[0], n_out, *(2 * [math.prod(tuple(leaf.shape[1:]))])) for leaf in flat]
+    itemsize = _itemsize(flat[0])
+    _memory.check("Hessian", shapes, working * itemsize, itemsize, "hessian")
+
+    def sub(values):
+        return {**args, kind: values}
+
+    if req.has_loss:
+        first = func.grad(lambda v: req.objective(sub(v)))  # like struct: (B, *feat_k)
+    else:
+        summed = lambda v: ops.sum(_float_output(req, sub(v)), axis=0)
+        first = func.jacrev(summed) if out_rank else func.grad(summed)
+    # Folding directions into the batch needs the whole input, an unweighted sum
+    # over samples (a loss averages over the batch size) and no random draws.
+    foldable = kind == "inputs" and not req.has_loss and not req.training
+    return _jac.per_sample_hessian_blocks(first, struct, chunk_size, foldable)
 
 
 def hvp(

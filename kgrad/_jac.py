@@ -26,9 +26,48 @@ def _basis(shape, dtype, rows):
     return ops.reshape(eye, (len(rows), *shape))
 
 
-def batched_map(fn, stacked):
-    """``vmap(fn)(stacked)`` over directions, as the backend maps them (see its hook)."""
-    return _backends.hook("batched_map")(fn, stacked)
+def batched_map(fn, stacked, fold=None):
+    """``vmap(fn)(stacked)`` over directions, as the backend maps them (see its hook).
+
+    ``fold(stacked)``, where given, computes the same without mapping (the
+    directions folded into the batch axis, see :func:`_folded_jvp`); a backend
+    that cannot vectorise ``fn`` uses it instead of a loop over directions.
+    """
+    if fold is None:
+        return _backends.hook("batched_map")(fn, stacked)
+    return _backends.hook("batched_map")(fn, stacked, fold=fold)
+
+
+def _folded_jvp(f, struct, tangents, trailing=None):
+    """``vmap(lambda t: flatten(jvp(f, (struct,), (t,))[1]))(tangents)`` without a map.
+
+    Valid where ``f``'s rows depend on their own sample only. Every leaf ``k``
+    of its output has the batch axis first, or, with ``trailing``, followed by
+    ``trailing[k]`` axes. The ``c`` directions of ``tangents`` (leaves
+    (c, B, *feat)) become ``c`` copies of the batch; one ``jvp`` of ``f`` on
+    c * B samples gives every direction's rows, which are split back. A backend
+    that cannot vectorise the model (torch's ``vmap`` through Keras's Conv2D)
+    runs this, one pass per chunk of directions, instead of one pass per
+    direction. Returns the flat list of output leaves, directions first.
+    """
+    leaves = tree.flatten(struct)
+    flat_t = tree.flatten(tangents)
+    c, b = int(flat_t[0].shape[0]), ops.shape(leaves[0])[0]
+
+    def tile(leaf):  # (c * B, *feat): c copies of the batch, in memory of their own
+        return ops.tile(leaf, (c, *([1] * (len(leaf.shape) - 1))))
+
+    tiled = _pack_like(struct, [tile(leaf) for leaf in leaves])
+    # The tangents are broadcast over the batch; a copy has memory of its own too.
+    folded = [ops.copy(ops.reshape(t, (c * b, *tuple(t.shape)[2:]))) for t in flat_t]
+    folded = _pack_like(struct, folded)
+    results = []
+    for k, o in enumerate(tree.flatten(func.jvp(f, (tiled,), (folded,))[1])):
+        shape = tuple(ops.shape(o))
+        lead = 0 if trailing is None else len(shape) - 1 - trailing[k]
+        o = ops.reshape(o, (*shape[:lead], c, b, *shape[lead + 1 :]))
+        results.append(ops.moveaxis(o, lead, 0))  # (c, *out, B, ...)
+    return results
 
 
 def static_size(shape) -> int | None:
@@ -89,85 +128,97 @@ def jacobian(f, x, mode="rev", chunk_size=None):
     return ops.reshape(cols, (*ops.shape(cols)[:out_rank], *x.shape))
 
 
-def per_sample_jacfwd(g, x, chunk_size=None):
-    """Per-sample Jacobians in forward mode with broadcast one-hot tangents.
+def per_sample_hessian_blocks(g, struct, chunk_size=None, foldable=False):
+    """Per-sample Hessian blocks of every leaf of ``struct``, in one mapped pass.
 
-    ``g`` maps the batch ``x`` (B, *feat) to a batch-first output (B, *out) whose
-    rows depend on their own sample only. The tangent one-hot at feature j in
-    *every* sample pushes forward to every sample's Jacobian column j at once,
-    so the cost is one forward pass per input feature, not per batch element.
-    Returns (B, *out, *feat).
+    ``g`` maps ``struct`` (leaves (B, *feat_k)) to its batch-summed first
+    derivative, structured like ``struct`` (leaves (*out, B, *feat_k)). Each
+    direction is one-hot at one feature of one leaf in *every* sample: pushed
+    forward through ``g``, it gives, row by row, each sample's Hessian column
+    (cross-sample blocks are zero, since samples are independent). So the model
+    runs once for every leaf, not once per leaf, and once per feature, not per
+    batch element. Returns one (B, *out, *feat_k, *feat_k) block per leaf:
+    the second derivative with respect to that leaf (the cross-leaf blocks are
+    not returned). ``foldable``: ``struct`` is the model's whole input and ``g``
+    sums the samples without weighting them (no loss), so a backend that cannot
+    map the model may fold the directions into the batch (:func:`_folded_jvp`).
     """
-    feat = tuple(x.shape[1:])
-    n = math.prod(feat)
-    b = ops.shape(x)[0]
-    chunk = chunk_size or n
-    pieces = []
-    for start in range(0, n, chunk):
-        rows = range(start, min(start + chunk, n))
-        one = _basis(feat, x.dtype, rows)  # (c, *feat)
-        tan = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), b, *feat))
-        pieces.append(batched_map(lambda t: func.jvp(g, (x,), (t,))[1], tan))  # (c, B, *out)
-    cols = ops.concatenate(pieces, axis=0)  # (n, B, *out)
-    rank = len(cols.shape)
-    cols = ops.transpose(cols, (*range(1, rank), 0))  # (B, *out, n)
-    return ops.reshape(cols, (*ops.shape(cols)[:-1], *feat))
-
-
-def per_sample_hessian_columns(g, x, chunk_size=None):
-    """Per-sample second derivatives by forward-over-reverse with broadcast tangents.
-
-    ``g`` maps the batch ``x`` (B, *feat) to a batch-summed first derivative of
-    shape (*out, B, *feat). For every input feature j, the tangent that is one-hot
-    at feature j in *every* sample gives, row by row, each sample's Hessian
-    column j (cross-sample blocks are zero). Returns (B, *out, *feat, *feat).
-    """
+    leaves = tree.flatten(struct)
     if _backends.hook("per_sample_hessian_mode") == "rev":
-        return _per_sample_hessian_rows(g, x, chunk_size)
-    feat = tuple(x.shape[1:])
-    n = math.prod(feat)
-    b = ops.shape(x)[0]
-    chunk = chunk_size or n
-    pieces = []
-    for start in range(0, n, chunk):
-        rows = range(start, min(start + chunk, n))
-        one = _basis(feat, x.dtype, rows)  # (c, *feat)
-        tan = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), b, *feat))
-        pieces.append(batched_map(lambda t: func.jvp(g, (x,), (t,))[1], tan))
-    cols = ops.concatenate(pieces, axis=0)  # (n, *out, B, *feat)
-    rank = len(cols.shape)
-    n_out = rank - 2 - len(feat)
-    # -> (B, *out, *feat, n)
-    perm = (1 + n_out, *range(1, 1 + n_out), *range(2 + n_out, rank), 0)
-    cols = ops.transpose(cols, perm)
-    return ops.reshape(cols, (*ops.shape(cols)[:-1], *feat))
+        return _per_sample_hessian_blocks_rev(g, struct, leaves, chunk_size)
+    feats = [tuple(leaf.shape[1:]) for leaf in leaves]
+    total = sum(math.prod(f) for f in feats)
+    batch = ops.shape(leaves[0])[0]
+    chunk = chunk_size or total
+    pieces = [[] for _ in leaves]
+    for start in range(0, total, chunk):
+        rows = range(start, min(start + chunk, total))
+        tangents = _pack_like(struct, _pytree_tangents(leaves, rows, 1, batch))
+        fold = None
+        if foldable:
+            trailing = [len(f) for f in feats]
+            fold = lambda t, trailing=trailing: _folded_jvp(g, struct, t, trailing)  # noqa: E731
+        cols = batched_map(lambda t: tree.flatten(func.jvp(g, (struct,), (t,))[1]), tangents, fold)
+        _keep_own_rows(pieces, cols, [math.prod(f) for f in feats], rows)
+    results = []
+    for feat, part in zip(feats, pieces):
+        cols = ops.concatenate(part, axis=0)  # (n_k, *out, B, *feat_k)
+        rank = len(cols.shape)
+        n_out = rank - 2 - len(feat)
+        perm = (1 + n_out, *range(1, 1 + n_out), *range(2 + n_out, rank), 0)
+        cols = ops.transpose(cols, perm)  # (B, *out, *feat_k, n_k)
+        results.append(ops.reshape(cols, (*ops.shape(cols)[:-1], *feat)))
+    return results
 
 
-def _per_sample_hessian_rows(g, x, chunk_size=None):
-    """:func:`per_sample_hessian_columns` by reverse over reverse.
+def _per_sample_hessian_blocks_rev(g, struct, leaves, chunk_size):
+    """:func:`per_sample_hessian_blocks` by reverse over reverse (one ``vjp`` for all leaves).
 
-    The cotangent one-hot at output ``o`` and feature ``j`` in every sample pulls
-    back, through the batch-summed first derivative ``g``, to every sample's
-    Hessian row ``(o, j)`` (cross-sample blocks are zero).
+    The cotangent one-hot at output ``o`` and feature ``j`` of one leaf in every
+    sample pulls back, through ``g``, to every sample's Hessian row ``(o, j)``.
     """
-    feat = tuple(x.shape[1:])
-    b = ops.shape(x)[0]
-    first, pullback = func.vjp(g, x)
-    shape = tuple(first.shape)
-    out = shape[: len(shape) - 1 - len(feat)]
-    n = math.prod(out) * math.prod(feat)
-    chunk = chunk_size or n
-    pieces = []
-    for start in range(0, n, chunk):
-        rows = range(start, min(start + chunk, n))
-        one = _basis((*out, *feat), first.dtype, rows)  # (c, *out, *feat)
-        cot = ops.broadcast_to(ops.expand_dims(one, 1 + len(out)), (len(rows), *out, b, *feat))
-        pieces.append(batched_map(lambda c: pullback(c)[0], cot))  # (c, B, *feat)
-    rows_ = ops.concatenate(pieces, axis=0)  # (n, B, *feat)
-    rows_ = ops.reshape(rows_, (*out, *feat, b, *feat))
-    k = len(out) + len(feat)
-    perm = (k, *range(k), *range(k + 1, k + 1 + len(feat)))
-    return ops.transpose(rows_, perm)
+    feats = [tuple(leaf.shape[1:]) for leaf in leaves]
+    b = ops.shape(leaves[0])[0]
+    first, pullback = func.vjp(g, struct)
+    flat_first = tree.flatten(first)
+    shape = tuple(flat_first[0].shape)
+    out = shape[: len(shape) - 1 - len(feats[0])]
+    sizes = [math.prod(out) * math.prod(f) for f in feats]
+    total = sum(sizes)
+    chunk = chunk_size or total
+    pieces = [[] for _ in leaves]
+    for start in range(0, total, chunk):
+        rows = range(start, min(start + chunk, total))
+        cots, offset = [], 0
+        for f, n, like in zip(feats, sizes, flat_first):
+            hot = ops.equal(
+                ops.expand_dims(ops.arange(rows.start, rows.stop) - offset, 1),
+                ops.expand_dims(ops.arange(n), 0),
+            )  # rows outside this leaf are all zero here
+            one = ops.reshape(ops.cast(hot, like.dtype), (len(rows), *out, *f))
+            one = ops.expand_dims(one, 1 + len(out))
+            cots.append(ops.broadcast_to(one, (len(rows), *out, b, *f)))
+            offset += n
+        cot = _pack_like(first, cots)
+        pulled = batched_map(lambda c: tree.flatten(pullback(c)[0]), cot)  # (c, B, *feat_k)
+        _keep_own_rows(pieces, pulled, sizes, rows)
+    results = []
+    for f, part in zip(feats, pieces):
+        rows_ = ops.concatenate(part, axis=0)  # (n_k, B, *feat_k)
+        rows_ = ops.reshape(rows_, (*out, *f, b, *f))
+        k = len(out) + len(f)
+        results.append(ops.transpose(rows_, (k, *range(k), *range(k + 1, k + 1 + len(f)))))
+    return results
+
+
+def _keep_own_rows(pieces, mapped, sizes, rows):
+    """Appends to ``pieces[k]`` the rows of ``mapped[k]`` whose direction lies in leaf ``k``."""
+    offset = 0
+    for k, n in enumerate(sizes):
+        lo, hi = max(offset, rows.start), min(offset + n, rows.stop)
+        if hi > lo:
+            pieces[k].append(mapped[k][lo - rows.start : hi - rows.start])
+        offset += n
 
 
 def _pack_like(struct, flat):
@@ -228,7 +279,7 @@ def _pytree_tangents(leaves, rows, lead, batch=None):
     return tangents
 
 
-def pytree_jacfwd(f, struct, per_sample, chunk_size=None):
+def pytree_jacfwd(f, struct, per_sample, chunk_size=None, foldable=False):
     """Forward-mode Jacobians of ``f`` (pytree -> tensor) for every leaf of ``struct``.
 
     All leaves are differentiated together: each direction is one-hot in one
@@ -237,7 +288,9 @@ def pytree_jacfwd(f, struct, per_sample, chunk_size=None):
     is batch-first and rows depend on their own sample only; the tangents are
     broadcast over the batch, so one direction per feature gives every
     sample's column. Returns a list of (B, *out, *feat) per leaf, or
-    (*out, *leaf.shape) without ``per_sample``.
+    (*out, *leaf.shape) without ``per_sample``. ``foldable``: ``struct`` is the
+    model's whole input, so a backend that cannot map the model may fold the
+    directions into the batch (:func:`_folded_jvp`).
     """
     leaves = tree.flatten(struct)
     lead = 1 if per_sample else 0
@@ -248,7 +301,10 @@ def pytree_jacfwd(f, struct, per_sample, chunk_size=None):
     for start in range(0, total, chunk):
         rows = range(start, min(start + chunk, total))
         tangents = _pack_like(struct, _pytree_tangents(leaves, rows, lead, batch))
-        pieces.append(batched_map(lambda t: func.jvp(f, (struct,), (t,))[1], tangents))
+        fold = None
+        if foldable and per_sample:
+            fold = lambda t: _folded_jvp(f, struct, t)[0]  # noqa: E731
+        pieces.append(batched_map(lambda t: func.jvp(f, (struct,), (t,))[1], tangents, fold))
     cols = ops.concatenate(pieces, axis=0)  # (total, *out) or (total, B, *out)
     rank = len(cols.shape)
     results = []

@@ -150,7 +150,9 @@ def _jacobian(req: _engine.Request, arrays, options):
                     raise _jac._dynamic_batch_error("A forward-mode Jacobian")
                 jacs = tree.flatten(func.jacfwd(selected)(struct))
             else:
-                jacs = _jac.pytree_jacfwd(selected, struct, batched, chunk_size)
+                # The whole input, no random draws: directions can be folded into the batch.
+                foldable = kind == "inputs" and not req.training
+                jacs = _jac.pytree_jacfwd(selected, struct, batched, chunk_size, foldable)
         elif n_out is None:  # rows of unknown number (a dynamic batch in a graph)
             if chunk_size is not None:
                 raise _jac._dynamic_batch_error("A reverse-mode Jacobian")

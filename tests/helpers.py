@@ -71,10 +71,12 @@ def ensure_torch_loop_fallback(monkeypatch, model, x) -> None:
     """Makes the torch backend's direction map fall back to its loop for ``model``.
 
     With keras 3.15 and torch 2.13, ``torch.func.vmap`` fails on Keras's Conv2D
-    (its channels-last clone), so a conv model's Hessian runs the loop fallback
-    for real. Older releases (keras 3.8, torch 2.4) vectorise the same model; there
-    the failure is simulated with the message torch gives, so the announcement and
-    the loop's numbers are checked on every supported version.
+    (its channels-last clone), so a conv model's loss Hessian runs the loop
+    fallback for real (per-sample derivatives with respect to the inputs without
+    a loss fold the directions into the batch instead). Older releases (keras
+    3.8, torch 2.4) vectorise the same model; there the failure is simulated
+    with the message torch gives, so the announcement, the fold and the loop's
+    numbers are checked on every supported version.
     """
     import warnings
 
@@ -85,7 +87,8 @@ def ensure_torch_loop_fallback(monkeypatch, model, x) -> None:
         warnings.simplefilter("always")
         import kgrad
 
-        kgrad.hessian(model, x[:1], target=0)
+        y = np.zeros(tuple(model(x[:1]).shape), "float32")
+        kgrad.hessian(model, x[:1], y=y, loss="mse")
     _loop._warned.clear()
     if any("one at a time" in str(w.message) for w in caught):
         return

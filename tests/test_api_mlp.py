@@ -313,9 +313,9 @@ def test_chunk_size_bounds_rows_in_flight(setup, monkeypatch):
     seen = []
     original = _jac.batched_map
 
-    def spy(fn, stacked):
+    def spy(fn, stacked, fold=None):
         seen.append(int(keras.tree.flatten(stacked)[0].shape[0]))
-        return original(fn, stacked)
+        return original(fn, stacked, fold)
 
     monkeypatch.setattr(_jac, "batched_map", spy)
     kgrad.jacobian(model, x, mode="rev", chunk_size=1)

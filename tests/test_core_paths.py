@@ -169,14 +169,18 @@ def test_a_loop_fallback_is_announced_once(rng, monkeypatch):
     h = L.Conv2D(2, 3, activation="tanh", name="conv")(inp)
     model = keras.Model(inp, L.Dense(1, name="o")(L.Flatten()(h)))
     x = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    y = rng.normal(size=(2, 1)).astype("float32")
     ensure_torch_loop_fallback(monkeypatch, model, x)
     _loop._warned.clear()
+    # A loss Hessian loops (a loss averages over the batch, so its directions
+    # cannot be folded into the batch; tests/test_loop_fallback.py has the fold).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = np_(kgrad.hessian(model, x, target=0))
-        kgrad.hessian(model, x, target=0)
+        first = np_(kgrad.hessian(model, x, y=y, loss="mse"))
+        kgrad.hessian(model, x, y=y, loss="mse")
     loops = [w for w in caught if "one at a time" in str(w.message)]
     assert len(loops) == 1, [str(w.message) for w in caught]
-    # The loop gives the numbers of a one-sample-at-a-time computation.
-    alone = np.concatenate([np_(kgrad.hessian(model, x[i : i + 1], target=0)) for i in range(2)])
-    np.testing.assert_allclose(first, alone, rtol=1e-5, atol=1e-6)
+    # The loop gives the numbers of a one-sample-at-a-time computation (each
+    # sample's block of the mean loss's Hessian is 1/B of its own loss's).
+    alone = [np_(kgrad.hessian(model, x[i : i + 1], y=y[i : i + 1], loss="mse")) for i in range(2)]
+    np.testing.assert_allclose(first, np.concatenate(alone) / 2, rtol=1e-5, atol=1e-6)

@@ -111,6 +111,16 @@ def _two_inputs():
     return keras.Model([a, b], L.Dense(2, name="d2")(h), name="two")
 
 
+def _built_two_inputs(seed):
+    """The two-input model, built, and a batch of 3 for each input."""
+    model = _two_inputs()
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(3, 6)).astype("float32")
+    b = rng.normal(size=(3, 4)).astype("float32")
+    model([a, b])
+    return model, a, b
+
+
 def _np_two(w, a, b):
     h = np.tanh(np.concatenate([a, b], -1) @ w["d1/kernel"] + w["d1/bias"])
     return h @ w["d2/kernel"] + w["d2/bias"]
@@ -118,11 +128,7 @@ def _np_two(w, a, b):
 
 @pytest.mark.parametrize("mode", ["rev", "fwd"])
 def test_per_sample_input_jacobian_of_two_inputs_runs_the_model_once_per_mode(mode):
-    model = _two_inputs()
-    rng = np.random.default_rng(2)
-    a = rng.normal(size=(3, 6)).astype("float32")
-    b = rng.normal(size=(3, 4)).astype("float32")
-    model([a, b])
+    model, a, b = _built_two_inputs(seed=2)
     kgrad.jacobian(model, [a, b], mode=mode)  # once: the cached check that samples are apart
     jac, calls = _count(lambda: kgrad.jacobian(model, [a, b], mode=mode))
     # Reverse mode: the vjp's forward pass. Forward mode: one pass for the
@@ -154,3 +160,35 @@ def test_full_input_jacobian_of_two_inputs_runs_the_model_once():
     np.testing.assert_allclose(
         np_(jac[1]), _central(lambda v: _np_two(w, a64, v), b64), rtol=1e-4, atol=1e-5
     )
+
+
+def _second_differences(f, value, eps=1e-4):
+    """d2 f / d value2 by central differences of a float64 ``f``: (*f.shape, *v.shape, *v.shape)."""
+    base = f(value)
+    hess = np.zeros(base.shape + value.shape + value.shape)
+    for i in np.ndindex(value.shape):
+        for j in np.ndindex(value.shape):
+            ei, ej = np.zeros_like(value), np.zeros_like(value)
+            ei[i], ej[j] = eps, eps
+            d = f(value + ei + ej) - f(value + ei - ej) - f(value - ei + ej) + f(value - ei - ej)
+            hess[(Ellipsis, *i, *j)] = d / (4 * eps**2)
+    return hess
+
+
+@pytest.mark.parametrize("target", [0, None])
+def test_per_sample_input_hessian_of_two_inputs_runs_the_model_once(target):
+    model, a, b = _built_two_inputs(seed=4)
+    kgrad.hessian(model, [a, b], target=target)  # once: the cached check that samples are apart
+    hess, calls = _count(lambda: kgrad.hessian(model, [a, b], target=target))
+    # One pass for the output's shape and one (mapped) pass for the second
+    # derivatives of both inputs, not one per input.
+    assert calls == 2, calls
+    w = {v.path: np_(v).astype("float64") for v in model.trainable_variables}
+    a64, b64 = a.astype("float64"), b.astype("float64")
+    pick = (lambda y: y[0]) if target is None else (lambda y: y[0, 0])
+    for i in range(len(a)):  # each sample's blocks against second differences of that sample
+        ai, bi = a64[i : i + 1], b64[i : i + 1]
+        ha = _second_differences(lambda v, bi=bi: pick(_np_two(w, v, bi)), ai)[..., 0, :, 0, :]
+        hb = _second_differences(lambda v, ai=ai: pick(_np_two(w, ai, v)), bi)[..., 0, :, 0, :]
+        np.testing.assert_allclose(np_(hess[0])[i], ha, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(np_(hess[1])[i], hb, rtol=1e-3, atol=1e-4)

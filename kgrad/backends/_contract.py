@@ -50,7 +50,7 @@ def _concrete(x: Any) -> Any:
     return np.asarray(x)
 
 
-def _batched_map(fn: Callable, stacked: Any) -> Any:
+def _batched_map(fn: Callable, stacked: Any, fold: Callable | None = None) -> Any:
     from kgrad import func
 
     return func.vmap(fn)(stacked)
@@ -199,11 +199,13 @@ class Hooks(Protocol):
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which nothing records a graph (values only)."""
 
-    def batched_map(self, fn: Callable, stacked: Any) -> Any:
+    def batched_map(self, fn: Callable, stacked: Any, fold: Callable | None = None) -> Any:
         """``vmap(fn)(stacked)`` over directions (Jacobian rows or columns) of one function.
 
         Random ops draw the same values for every direction, as in the
-        unmapped forward pass; a backend may loop where it cannot vectorise.
+        unmapped forward pass. Where the backend cannot vectorise ``fn`` it
+        calls ``fold(stacked)`` (the same result with the directions folded
+        into the batch axis), where given, else loops over directions.
         """
 
     def cannot_vmap(self, err: Exception) -> bool:
