@@ -19,10 +19,14 @@ Properties, on the backend Keras runs on:
 - ``kgrad.hvp`` agrees with the backend's own reverse-over-reverse product.
 
 The number of examples is fixed and derandomized, so CI runs the same examples
-every time: 200 per backend in total, about 360 s of CPU time for JAX, 150 s
-for TensorFlow and 50 s for torch (measured on a 2-core CPU). Most of it is
-first calls: JAX compiles every model-level call of each new model, TensorFlow
-converts graphs with pfor.
+every time: 200 per backend in total (25 in CI's backends env, see tox.ini).
+The 200 took 151 s for JAX, 72 s for TensorFlow and 18 s for torch on the 2-core
+CI machine (2026-11-29, a day when the whole CI run took 26 minutes; on slower
+days the same run takes up to 40). Most of it is first calls: JAX compiles every
+model-level call of each new model, TensorFlow converts graphs with pfor. The
+reference forward passes run through ``predict_on_batch`` on JAX (one compile
+per input shape); eagerly they compiled every operation for every new shape,
+which had made them more than half of each central-difference example.
 Set ``KGRAD_HYPOTHESIS_EXAMPLES`` to another total
 (``KGRAD_HYPOTHESIS_EXAMPLES=2000``) for a longer search; it is split between
 the properties in the same proportions (tox passes ``KGRAD_*`` variables
@@ -273,12 +277,14 @@ def _x(xs):
 def forward(model, xs):
     """The model's output on a list of input arrays, in float64 (computed in float32).
 
-    Eager calls, except for recurrent models on JAX: eagerly, JAX compiles the
-    ``lax.scan`` of an LSTM on every call, while ``predict_on_batch`` compiles
-    once per input shape (and reads the current weights at every call).
+    Eager calls, except on JAX: eagerly, JAX compiles every operation for every
+    new shape (and the ``lax.scan`` of an LSTM on every call), while
+    ``predict_on_batch`` compiles the whole model once per input shape (and
+    reads the current weights at every call). That made the forward passes
+    more than half of each central-difference example's time.
     """
     x = _x([np.asarray(a, "float32") for a in xs])
-    if keras.backend.backend() == "jax" and any(isinstance(la, L.RNN) for la in model.layers):
+    if keras.backend.backend() == "jax":
         return np.asarray(model.predict_on_batch(x), "float64")
     return np.asarray(np_(model(x)), "float64")
 
