@@ -33,8 +33,6 @@ def batched_map(fn, stacked, fold=None):
     directions folded into the batch axis, see :func:`_folded_jvp`); a backend
     that cannot vectorise ``fn`` uses it instead of a loop over directions.
     """
-    if fold is None:
-        return _backends.hook("batched_map")(fn, stacked)
     return _backends.hook("batched_map")(fn, stacked, fold=fold)
 
 
@@ -147,19 +145,20 @@ def per_sample_hessian_blocks(g, struct, chunk_size=None, foldable=False):
     if _backends.hook("per_sample_hessian_mode") == "rev":
         return _per_sample_hessian_blocks_rev(g, struct, leaves, chunk_size)
     feats = [tuple(leaf.shape[1:]) for leaf in leaves]
-    total = sum(math.prod(f) for f in feats)
     batch = ops.shape(leaves[0])[0]
+    sizes = [math.prod(f) for f in feats]
+    total = sum(sizes)
     chunk = chunk_size or total
+    fold = None
+    if foldable:
+        trailing = [len(f) for f in feats]
+        fold = lambda t: _folded_jvp(g, struct, t, trailing)  # noqa: E731
     pieces = [[] for _ in leaves]
     for start in range(0, total, chunk):
         rows = range(start, min(start + chunk, total))
         tangents = _pack_like(struct, _pytree_tangents(leaves, rows, 1, batch))
-        fold = None
-        if foldable:
-            trailing = [len(f) for f in feats]
-            fold = lambda t, trailing=trailing: _folded_jvp(g, struct, t, trailing)  # noqa: E731
         cols = batched_map(lambda t: tree.flatten(func.jvp(g, (struct,), (t,))[1]), tangents, fold)
-        _keep_own_rows(pieces, cols, [math.prod(f) for f in feats], rows)
+        _keep_own_rows(pieces, cols, sizes, rows)
     results = []
     for feat, part in zip(feats, pieces):
         cols = ops.concatenate(part, axis=0)  # (n_k, *out, B, *feat_k)
@@ -191,11 +190,7 @@ def _per_sample_hessian_blocks_rev(g, struct, leaves, chunk_size):
         rows = range(start, min(start + chunk, total))
         cots, offset = [], 0
         for f, n, like in zip(feats, sizes, flat_first):
-            hot = ops.equal(
-                ops.expand_dims(ops.arange(rows.start, rows.stop) - offset, 1),
-                ops.expand_dims(ops.arange(n), 0),
-            )  # rows outside this leaf are all zero here
-            one = ops.reshape(ops.cast(hot, like.dtype), (len(rows), *out, *f))
+            one = _one_hot_rows(rows, offset, (*out, *f), like.dtype)  # (c, *out, *f_k)
             one = ops.expand_dims(one, 1 + len(out))
             cots.append(ops.broadcast_to(one, (len(rows), *out, b, *f)))
             offset += n
@@ -254,6 +249,20 @@ def _split_columns(cols, leaves, lead):
     return pieces
 
 
+def _one_hot_rows(rows, offset, shape, dtype):
+    """Directions ``rows`` of a concatenation, restricted to the part at ``offset`` of ``shape``.
+
+    Row ``r`` is one-hot at element ``r - offset`` of ``shape`` where that lies in
+    it, and all zero where the direction belongs to another part (no negative
+    ``one_hot`` indices). Returns (len(rows), *shape).
+    """
+    hot = ops.equal(
+        ops.expand_dims(ops.arange(rows.start, rows.stop) - offset, 1),
+        ops.expand_dims(ops.arange(math.prod(shape)), 0),
+    )
+    return ops.reshape(ops.cast(hot, dtype), (len(rows), *shape))
+
+
 def _pytree_tangents(leaves, rows, lead, batch=None):
     """One-hot tangents for directions ``rows`` over every leaf at once.
 
@@ -266,12 +275,7 @@ def _pytree_tangents(leaves, rows, lead, batch=None):
     for leaf in leaves:
         feat = tuple(leaf.shape)[lead:]
         n = math.prod(feat)
-        # Directions outside this leaf are zero here (no negative one_hot indices).
-        hot = ops.equal(
-            ops.expand_dims(ops.arange(rows.start, rows.stop) - start, 1),
-            ops.expand_dims(ops.arange(n), 0),
-        )
-        one = ops.reshape(ops.cast(hot, leaf.dtype), (len(rows), *feat))
+        one = _one_hot_rows(rows, start, feat, leaf.dtype)
         if lead:
             one = ops.broadcast_to(ops.expand_dims(one, 1), (len(rows), batch, *feat))
         tangents.append(one)
@@ -298,12 +302,12 @@ def pytree_jacfwd(f, struct, per_sample, chunk_size=None, foldable=False):
     total = sum(math.prod(tuple(leaf.shape)[lead:]) for leaf in leaves)
     chunk = chunk_size or total
     pieces = []
+    fold = None
+    if foldable and per_sample:
+        fold = lambda t: _folded_jvp(f, struct, t)[0]  # noqa: E731
     for start in range(0, total, chunk):
         rows = range(start, min(start + chunk, total))
         tangents = _pack_like(struct, _pytree_tangents(leaves, rows, lead, batch))
-        fold = None
-        if foldable and per_sample:
-            fold = lambda t: _folded_jvp(f, struct, t)[0]  # noqa: E731
         pieces.append(batched_map(lambda t: func.jvp(f, (struct,), (t,))[1], tangents, fold))
     cols = ops.concatenate(pieces, axis=0)  # (total, *out) or (total, B, *out)
     rank = len(cols.shape)
