@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from kgrad import _errors, _layers
+from kgrad import _errors, _layers, _tree
 
 tree = keras.tree
 
@@ -36,7 +36,7 @@ def check_x(x, fname: str, is_keras: bool = True) -> None:
 
 
 def _check_inputs(model, x, fname):
-    leaves = tree.flatten(x)
+    leaves = _tree.flatten(x)
     if not leaves:
         raise ValueError(f"`kgrad.{fname}` got no input. Received: x={x!r}.")
     for leaf in leaves:
@@ -124,9 +124,9 @@ def _check_input_shapes(model, x, fname) -> None:
 
 def _check_batch_sizes(x, y, fname) -> None:
     """Raises ValueError when the arrays of ``x`` and ``y`` disagree on the batch size."""
-    named = [("x", leaf) for leaf in tree.flatten(x)]
+    named = [("x", leaf) for leaf in _tree.flatten(x)]
     if y is not None:
-        named += [("y", leaf) for leaf in tree.flatten(y)]
+        named += [("y", leaf) for leaf in _tree.flatten(y)]
     sizes = [(what, _shape(leaf)) for what, leaf in named if len(leaf.shape)]
     batch = {shape[0] for _, shape in sizes if shape[0] is not None}
     if len(batch) > 1:

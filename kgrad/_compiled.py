@@ -45,7 +45,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _batches, _buckets, _engine, _memory, _spec
+from kgrad import _batches, _buckets, _engine, _memory, _model, _spec
 from kgrad import backends as _backends
 from kgrad.backends import _contract
 
@@ -133,17 +133,9 @@ class _Entry:
         self.unflatten = None
 
 
-try:
-    from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_stateless_scope
-except ImportError:  # pragma: no cover - the import moved
-
-    def _in_stateless_scope() -> bool:
-        return True  # always read `v.value`, which is always right
-
-
 def _values(variables) -> list:
     """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
-    if _in_stateless_scope():
+    if _model._in_stateless_scope():  # (always True where Keras moved the function)
         return [v.value for v in variables]
     # Outside a scope `v.value` is `v._value` plus autocast bookkeeping (which
     # only applies to mixed-precision layers while they run); this is the hot path.

@@ -12,7 +12,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _checks, _interaction, _layers, _model, _objective
+from kgrad import _checks, _interaction, _layers, _model, _objective, _tree
 from kgrad import backends as _backends
 from kgrad._checks import WRT_KINDS, _normalize_wrt, check_x  # noqa: F401 (re-exported)
 
@@ -132,9 +132,9 @@ def prepare(
     else:
         _model.check_built(model)
     check_x(x, fname, is_keras)
-    x = tree.map_structure(backend.convert, x)
+    x = _tree.map_structure(backend.convert, x)
     if y is not None:
-        y = tree.map_structure(backend.convert, y)
+        y = _tree.map_structure(backend.convert, y)
     if loss is None and y is not None and is_keras:
         if getattr(model, "_compile_loss", None) is None:
             raise ValueError(
@@ -165,7 +165,7 @@ def prepare(
     if is_keras:
         _checks._check_input_shapes(model, x, fname)
         _checks._check_batch_sizes(x, y, fname)
-    leaves = tree.flatten(x)
+    leaves = _tree.flatten(x)
     batch = leaves[0].shape[0] if leaves and len(leaves[0].shape) else 1
     batch = None if batch is None else int(batch)
     req = Request(

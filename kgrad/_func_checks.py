@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _errors
+from kgrad import _errors, _tree
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -16,7 +16,7 @@ Argnums = int | tuple[int, ...]
 
 
 def _convert_tree(x: Any, backend) -> Any:
-    return tree.map_structure(backend.convert, x)
+    return _tree.map_structure(backend.convert, x)
 
 
 def _checked_output(f: Callable, fname: str, has_aux: bool, scalar: bool) -> Callable:
@@ -63,7 +63,7 @@ def _differentiate(
         args = list(args)
         for n in nums:
             args[n] = _convert_tree(args[n], backend)
-            _errors.check_float_leaves(tree.flatten(args[n]), f"func.{fname}")
+            _errors.check_float_leaves(_tree.flatten(args[n]), f"func.{fname}")
         return transformed(*args, **kwargs)
 
     return call

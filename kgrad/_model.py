@@ -8,6 +8,13 @@ import keras
 
 from kgrad import _errors
 
+try:
+    from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_stateless_scope
+except ImportError:  # pragma: no cover - the import moved
+
+    def _in_stateless_scope() -> bool:
+        return True  # always map every variable, which is always right
+
 
 def check_built(model: Any) -> None:
     """Raises ValueError for a Keras layer or model that has no weights yet."""
@@ -70,6 +77,26 @@ def stateless_apply(
         return model(x, training=training)
 
 
+class _Scope(keras.StatelessScope):
+    """A ``keras.StatelessScope`` in which some variables read their own values.
+
+    ``own`` (``id(variable)`` -> variable) lists variables that are not mapped
+    but still answer ``get_current_value`` with their value, as Keras expects of
+    every variable of the model (its regularisation losses read them so); only
+    the mapped values go through the scope's conversion.
+    """
+
+    def __init__(self, state_mapping: list, own: dict[int, Any]):
+        super().__init__(state_mapping=state_mapping)
+        self._own = own
+
+    def get_current_value(self, variable):
+        value = self.state_mapping.get(id(variable))
+        if value is None and id(variable) in self._own:
+            return variable._value
+        return value
+
+
 def stateless_scope(
     model: keras.layers.Layer, weights: dict[str, Any], by_id: dict[int, Any] | None = None
 ):
@@ -82,14 +109,29 @@ def stateless_scope(
     ``training`` reaches every layer, also in subclassed models whose ``call`` has
     no ``training`` argument. ``by_id`` (``id(variable)`` -> value) gives values
     for variables missing from ``weights``.
+
+    Outside every other ``StatelessScope``, a variable that would read its own
+    value is not converted into the mapping (see ``_Scope``), which spares a
+    conversion per variable on every call; inside one, each such variable maps
+    to the outer scope's value.
     """
     by_id = by_id or {}
-    mapping = []
+    outer = _in_stateless_scope()
+    mapping, own = [], {}
     for v in model.variables:
         if v.path in weights:
-            mapping.append((v, weights[v.path]))
+            value = weights[v.path]
         elif id(v) in by_id:
-            mapping.append((v, by_id[id(v)]))
+            value = by_id[id(v)]
+        elif outer:
+            value = v.value
         else:
-            mapping.append((v, v.value))
+            own[id(v)] = v
+            continue
+        if outer or value is not v._value:
+            mapping.append((v, value))
+        else:
+            own[id(v)] = v
+    if own:
+        return _Scope(mapping, own)
     return keras.StatelessScope(state_mapping=mapping)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.func as tf_func
 
+from kgrad import _tree
 from kgrad.backends._torch_kernels import (
     _forward_ad_lock,
     _forward_mode,
@@ -53,15 +54,15 @@ def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs, create_graph=Tru
     result differentiable (an outer ``fit`` step or a second derivative can go
     through it); with ``False`` the value and aux are returned detached.
     """
-    tree = keras.tree
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     args = list(args)
     leaves = []
     for i in nums:
         flat = [
-            t if t.requires_grad else t.detach().requires_grad_(True) for t in tree.flatten(args[i])
+            t if t.requires_grad else t.detach().requires_grad_(True)
+            for t in _tree.flatten(args[i])
         ]
-        args[i] = tree.pack_sequence_as(args[i], flat)
+        args[i] = _tree.pack_sequence_as(args[i], flat)
         leaves.append(flat)
     from kgrad import _recording
 
@@ -78,12 +79,10 @@ def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs, create_graph=Tru
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
     if not create_graph:
         value = value.detach()
-        aux = keras.tree.map_structure(
-            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux
-        )
+        aux = _tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
     packed, start = [], 0
     for i, group in zip(nums, leaves):
-        packed.append(tree.pack_sequence_as(args[i], grads[start : start + len(group)]))
+        packed.append(_tree.pack_sequence_as(args[i], grads[start : start + len(group)]))
         start += len(group)
     g = packed[0] if isinstance(argnums, int) else tuple(packed)
     return ((value, aux), g) if has_aux else (value, g)
@@ -168,14 +167,13 @@ def value_and_grad(f, argnums=0, has_aux=False):
     which ``torch.func`` refuses, the gradient is taken with
     ``torch.autograd.grad`` instead (see ``_plain_autograd_suffices``).
     """
-    inner = tf_func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
         if _plain_autograd_suffices(args, argnums):
             return _autograd_value_and_grad(f, argnums, has_aux, args, kwargs, create_graph=False)
         try:
-            g, value = inner(*args, **kwargs)
+            g, value = tf_func.grad_and_value(f, argnums=argnums, has_aux=has_aux)(*args, **kwargs)
         except RuntimeError as err:
             if not _old_style_function(err):
                 raise
@@ -268,7 +266,7 @@ def eager_call(f, arrays):
         return torch.compiler.disable(f, recursive=True)()
     record = torch.is_grad_enabled() and (
         _recording.requested()
-        or any(isinstance(t, torch.Tensor) and t.requires_grad for t in keras.tree.flatten(arrays))
+        or any(isinstance(t, torch.Tensor) and t.requires_grad for t in _leaves(arrays))
         or torch._C._functorch.maybe_current_level() is not None
         or _recording.in_training_step()
     )
@@ -276,7 +274,14 @@ def eager_call(f, arrays):
         return f()
     with torch.no_grad():
         out = f()
-    return keras.tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+    return _tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+
+
+def _leaves(arrays) -> list:
+    """The arrays of ``{"x": ..., "y": ...}`` (``None`` entries left out), or of any structure."""
+    if type(arrays) is dict:
+        return _tree.flatten([v for v in arrays.values() if v is not None])
+    return _tree.flatten(arrays)
 
 
 def concrete(x):
