@@ -22,8 +22,9 @@ The number of examples is fixed and derandomized, so CI runs the same examples
 every time: 200 per backend in total, in CI's backends env too (tox.ini).
 The 200 took 151 s for JAX, 72 s for TensorFlow and 18 s for torch on the 2-core
 CI machine (2026-11-29, a day when the whole CI run took 26 minutes; on slower
-days the same run takes up to 40); CI's XLA flags (tox.ini) take JAX's to about 125 s. Most of it is first calls: JAX compiles every
-model-level call of each new model, TensorFlow converts graphs with pfor. The
+days the same run takes up to 40); CI's XLA flags (tox.ini) take JAX's to about
+130 s. Most of it is first calls: JAX compiles every model-level call of each
+new model, TensorFlow converts graphs with pfor. The
 reference forward passes run through ``predict_on_batch`` on JAX (one compile
 per input shape); eagerly they compiled every operation for every new shape,
 which had made them more than half of each central-difference example.
