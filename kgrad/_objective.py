@@ -215,11 +215,13 @@ def _training_kwargs(model, training) -> dict:
 
     Passing ``training`` makes Keras bind it into every layer's call (about 20 us
     per layer on torch, which runs every call eagerly). Left out, each layer gets
-    its own default, which is inference exactly where ``training=False`` and the
+    its own default, which is inference exactly where ``training=False``, the
     call is not made from inside another layer's call (whose ``training`` the
     layers would inherit), and every layer's ``call`` either takes no
-    ``training``, defaults it to False, or is one of Keras's own layers, whose
-    default None means inference.
+    ``training``, defaults it to False, or is one of the Keras classes whose
+    default None means inference (``_INFERENCE_ON_NONE``; not ``Lambda``, whose
+    function may read it otherwise, nor ``TorchModuleWrapper``, which trains on
+    None).
     """
     if training is not False or _global("current_call_ctx") is not None:
         return {"training": training}
@@ -227,6 +229,31 @@ def _training_kwargs(model, training) -> dict:
     if layers is None or not all(_infers_by_default(type(layer)) for layer in layers()):
         return {"training": training}
     return {}
+
+
+def _inference_on_none() -> frozenset:
+    """Keras's classes whose ``call(training=None)`` runs in inference mode (read in 3.15)."""
+    names = (
+        "BatchNormalization",
+        "Bidirectional",
+        "Dense",
+        "EinsumDense",
+        "GroupQueryAttention",
+        "MultiHeadAttention",
+        "TimeDistributed",
+    )
+    classes = [getattr(keras.layers, n) for n in names if hasattr(keras.layers, n)]
+    classes.append(keras.Sequential)
+    try:
+        from keras.src.models.functional import Functional
+
+        classes.append(Functional)
+    except ImportError:  # pragma: no cover - the class moved: such models get `training`
+        pass
+    return frozenset(classes)
+
+
+_INFERENCE_ON_NONE = _inference_on_none()
 
 
 @functools.cache
@@ -238,4 +265,4 @@ def _infers_by_default(cls: type) -> bool:
         return False
     if param is None or param.default is False:
         return True
-    return param.default is None and cls.__module__.startswith("keras.")
+    return param.default is None and cls in _INFERENCE_ON_NONE

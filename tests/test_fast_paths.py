@@ -127,6 +127,31 @@ def test_training_false_reaches_layers_whose_default_is_not_inference(layer, fac
     )
 
 
+def test_training_false_reaches_a_lambda_function_that_reads_it():
+    # Keras's Lambda passes `training` on to its function, which may read None otherwise.
+    double_on_none = L.Lambda(lambda x, training=None: x * 2.0 if training is None else x)
+    model = keras.Sequential([keras.Input((3,)), double_on_none, L.Dense(1)])
+    x = np.random.default_rng(3).normal(size=(4, 3)).astype("float32")
+    kernel = np_(model.layers[-1].kernel)[:, 0]
+    np.testing.assert_allclose(np_(kgrad.grad(model, x)), np.tile(kernel, (4, 1)), rtol=1e-6)
+
+
+def test_training_false_puts_a_wrapped_torch_module_in_eval_mode():
+    if keras.backend.backend() != "torch":
+        pytest.skip("keras.layers.TorchModuleWrapper runs on the torch backend")
+    import torch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 1)
+    # TorchModuleWrapper trains its module unless `training` is False; Dropout(0.9) in
+    # training mode would zero most input gradients.
+    wrapped = keras.layers.TorchModuleWrapper(torch.nn.Sequential(torch.nn.Dropout(0.9), linear))
+    model = keras.Sequential([keras.Input((3,)), wrapped])
+    x = np.random.default_rng(4).normal(size=(6, 3)).astype("float32")
+    kernel = linear.weight.detach().numpy()[0]
+    np.testing.assert_allclose(np_(kgrad.grad(model, x)), np.tile(kernel, (6, 1)), rtol=1e-6)
+
+
 class _GradientInside(L.Layer):
     """Returns kgrad's input gradient of another model from inside its own call."""
 
