@@ -80,13 +80,13 @@ def stateless_apply(
 class _Scope(keras.StatelessScope):
     """A ``keras.StatelessScope`` in which some variables read their own values.
 
-    ``own`` (``id(variable)`` -> variable) lists variables that are not mapped
-    but still answer ``get_current_value`` with their value, as Keras expects of
-    every variable of the model (its regularisation losses read them so); only
-    the mapped values go through the scope's conversion.
+    ``own`` holds the ``id`` of each variable that is not mapped but still
+    answers ``get_current_value`` with its value, as Keras expects of every
+    variable of the model (its regularisation losses read them so); only the
+    mapped values go through the scope's conversion.
     """
 
-    def __init__(self, state_mapping: list, own: dict[int, Any]):
+    def __init__(self, state_mapping: list, own: set[int]):
         super().__init__(state_mapping=state_mapping)
         self._own = own
 
@@ -117,7 +117,7 @@ def stateless_scope(
     """
     by_id = by_id or {}
     outer = _in_stateless_scope()
-    mapping, own = [], {}
+    mapping, own = [], set()
     for v in model.variables:
         if v.path in weights:
             value = weights[v.path]
@@ -126,12 +126,11 @@ def stateless_scope(
         elif outer:
             value = v.value
         else:
-            own[id(v)] = v
-            continue
+            value = v._value  # its own value
         if outer or value is not v._value:
             mapping.append((v, value))
         else:
-            own[id(v)] = v
+            own.add(id(v))
     if own:
         return _Scope(mapping, own)
     return keras.StatelessScope(state_mapping=mapping)

@@ -43,29 +43,26 @@ class Objective:
 
     # ------------------------------------------------------------ running
 
+    @functools.cached_property
     def _weights(self) -> list:
         """The selected trainable variables (read once per request: Keras walks the layers)."""
-        variables = self.__dict__.get("_selected_weights")
-        if variables is not None:
-            return variables
         variables = self.model.trainable_variables
         if self.layers_given:
             chosen = {id(v) for layer in self.layers for v in layer.trainable_variables}
             variables = [v for v in variables if id(v) in chosen]
-        self.__dict__["_selected_weights"] = variables
         return variables
 
     def weight_values(self) -> dict[str, Any]:
         """Current values of the trainable weights of the selected layers."""
         given = self._variable_values()
-        return {v.path: given[id(v)] if id(v) in given else v.value for v in self._weights()}
+        return {v.path: given[id(v)] if id(v) in given else v.value for v in self._weights}
 
     def template(self, kind: str):
         """The structure (and dict key order) of ``args()[kind]``, without computing it."""
         if kind == "inputs":
             return self.x
         if kind == "weights":
-            return dict.fromkeys(v.path for v in self._weights())
+            return dict.fromkeys(v.path for v in self._weights)
         return {name: self.probe_like[name] for name in self.act_names}
 
     @property
