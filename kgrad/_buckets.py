@@ -16,7 +16,7 @@ import os
 
 import keras
 
-from kgrad import _checks, _engine
+from kgrad import _checks, _engine, _tree
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -71,16 +71,15 @@ def pad(fname: str, model, options: dict, arrays: dict):
     kinds = (wrt,) if isinstance(wrt, str) else tuple(wrt) if isinstance(wrt, (list, tuple)) else ()
     if not kinds or any(k not in _engine.BATCHED for k in kinds):
         return None
-    leaves = tree.flatten(arrays["x"])
+    leaves = _tree.flatten(arrays["x"])
     if not leaves or not all(len(leaf.shape) for leaf in leaves):
         return None
     n = leaves[0].shape[0]
     if not isinstance(n, int) or n < 1 or any(leaf.shape[0] != n for leaf in leaves):
         return None
     size = bucket(n)
-    concrete = _backends.hook("concrete")
-    if size == n or concrete(leaves[0]) is None:  # traced: the caller's own compile decides
-        return None
+    if size == n or _backends.hook("concrete")(leaves[0]) is None:
+        return None  # nothing to pad, or traced: the caller's own compile decides
     if isinstance(model, keras.layers.Layer):
         # Errors about the input's shape must name the shape the user gave (unpadded
         # calls get the same check when they are traced).

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+from typing import Any
+
 import keras
 
-from kgrad import _errors, _layers, _tree
+from kgrad import _errors, _layers, _spec, _tree
 
 tree = keras.tree
 
@@ -149,3 +153,38 @@ def _normalize_wrt(wrt, fname):
             f"repeats. Received: wrt={wrt!r}.{hint}"
         )
     return kinds, single
+
+
+# Per model, the signatures (shapes and dtypes of `x` and `y`, and what the
+# float check covered) whose checks passed: the same signature passes again,
+# since each check reads only the shapes, the dtypes and the model's declared
+# inputs. Failures are not remembered (each call raises afresh).
+_passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_passed_lock = threading.Lock()
+_MAX_PASSED = 256
+
+
+def check_model_call(model, x, y, checked: Any, fname: str, check_float: bool) -> None:
+    """The checks of a Keras model's call: float inputs (``checked``), shapes, batch sizes.
+
+    ``checked`` is the part of ``x`` that must be float (with ``check_float``).
+    Each signature is checked once per model (see ``_passed``).
+    """
+    try:
+        key = (_spec.signature(x), _spec.signature(y), _spec.signature(checked), check_float)
+        hash(key)
+    except (AttributeError, TypeError):  # leaves without shapes: check every time
+        key = None
+    seen = _passed.get(model) if key is not None else None
+    if seen is not None and key in seen:
+        return
+    if check_float:
+        _check_inputs(model, checked, fname)
+    _check_input_shapes(model, x, fname)
+    _check_batch_sizes(x, y, fname)
+    if key is not None:
+        with _passed_lock:
+            seen = _passed.get(model)
+            if seen is None or len(seen) >= _MAX_PASSED:
+                seen = _passed[model] = set()
+            seen.add(key)

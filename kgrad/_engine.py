@@ -155,16 +155,15 @@ def prepare(
             f"with {'y' if y is not None else 'loss'} given. Pass either `target` or "
             f"`y`/`loss`; to weigh some outputs in a loss, write it as a callable `loss=`."
         )
-    if "inputs" in kinds:
-        checked = x
-        if input is not None:
-            from kgrad._operator_args import resolve_input
+    checked = x
+    if "inputs" in kinds and input is not None:
+        from kgrad._operator_args import resolve_input
 
-            checked = tree.flatten(x)[resolve_input(model, x, input, fname)]
-        _checks._check_inputs(model, checked, fname)
+        checked = tree.flatten(x)[resolve_input(model, x, input, fname)]
     if is_keras:
-        _checks._check_input_shapes(model, x, fname)
-        _checks._check_batch_sizes(x, y, fname)
+        _checks.check_model_call(model, x, y, checked, fname, "inputs" in kinds)
+    elif "inputs" in kinds:
+        _checks._check_inputs(model, checked, fname)
     leaves = _tree.flatten(x)
     batch = leaves[0].shape[0] if leaves and len(leaves[0].shape) else 1
     batch = None if batch is None else int(batch)

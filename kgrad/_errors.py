@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -66,8 +66,28 @@ def check_args_for_argnums(args: tuple, nums: tuple[int, ...], fname: str) -> No
             )
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x: Any) -> str:
-    return keras.backend.standardize_dtype(x.dtype)
+    """``keras.backend.standardize_dtype(x.dtype)``, remembered per dtype object.
+
+    The key holds the dtype's type too (``np.dtype("float64") == float``, which
+    Keras names ``"float32"``). ``None``, which Keras reads as ``floatx()``,
+    and which can change, is not remembered.
+    """
+    dtype = x.dtype
+    key = (type(dtype), dtype)
+    try:
+        return _DTYPE_NAMES[key]
+    except (KeyError, TypeError):  # new, or unhashable: standardize it
+        name = keras.backend.standardize_dtype(dtype)
+    if dtype is not None:
+        try:
+            _DTYPE_NAMES[key] = name
+        except TypeError:
+            pass
+    return name
 
 
 def differentiable(dtype: str) -> bool:
@@ -92,20 +112,31 @@ def check_float_leaves(leaves: Iterable[Any], fname: str, argname: str = "argume
 _public = threading.local()
 
 
-@contextlib.contextmanager
-def public_call(name: str, model: Any = None) -> Iterator[None]:
+class _PublicCall:
+    """The context of :func:`public_call` (a class: it runs on every call)."""
+
+    __slots__ = ("name", "model", "previous")
+
+    def __init__(self, name: str, model: Any):
+        self.name, self.model = name, model
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_public, "name", None), getattr(_public, "model", None)
+        _public.name, _public.model = self.name, self.model
+
+    def __exit__(self, *exc) -> bool:
+        _public.name, _public.model = self.previous
+        return False
+
+
+def public_call(name: str, model: Any = None) -> contextlib.AbstractContextManager:
     """Errors raised inside name the model-level ``kgrad.<name>`` the user called.
 
     The model-level functions are built on :mod:`kgrad.func`; without this an
     integer model output would be reported as a problem of ``kgrad.func.grad``
     or ``kgrad.func.hessian``, which the user never called.
     """
-    previous = getattr(_public, "name", None), getattr(_public, "model", None)
-    _public.name, _public.model = name, model
-    try:
-        yield
-    finally:
-        _public.name, _public.model = previous
+    return _PublicCall(name, model)
 
 
 def current_model() -> Any:

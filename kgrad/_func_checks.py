@@ -22,7 +22,6 @@ def _convert_tree(x: Any, backend) -> Any:
 def _checked_output(f: Callable, fname: str, has_aux: bool, scalar: bool) -> Callable:
     """Wraps ``f`` so that a bad output structure fails with a clear error."""
 
-    @functools.wraps(f)
     def checked(*args, **kwargs):
         out = f(*args, **kwargs)
         value = out
@@ -62,8 +61,12 @@ def _differentiate(
         _errors.check_args_for_argnums(args, nums, fname)
         args = list(args)
         for n in nums:
-            args[n] = _convert_tree(args[n], backend)
-            _errors.check_float_leaves(_tree.flatten(args[n]), f"func.{fname}")
+            leaves = _tree.flatten(args[n])
+            native = [backend.convert(leaf) for leaf in leaves]
+            if any(a is not b for a, b in zip(native, leaves)):  # NumPy or numbers given
+                args[n] = _convert_tree(args[n], backend)
+                native = _tree.flatten(args[n])
+            _errors.check_float_leaves(native, f"func.{fname}")
         return transformed(*args, **kwargs)
 
     return call

@@ -108,6 +108,7 @@ def key(model: keras.layers.Layer, layer: keras.layers.Layer) -> str:
 # many threads watch it) by a dispatcher that looks up the calling thread's
 # watch. The patch is reference-counted under a lock, so concurrent kgrad calls
 # on the same model from several threads each see only their own probes.
+_NOTHING_WATCHED = contextlib.nullcontext()
 _patch_lock = threading.Lock()
 _patch_count: dict[int, int] = {}  # id(layer) -> number of active watches
 _local = threading.local()
@@ -167,8 +168,14 @@ class Watch:
         self.inputs: dict[str, Any] = {}  # each layer's first input (ghost norms use it)
         self.calls: dict[str, int] = {}
 
+    def active(self) -> contextlib.AbstractContextManager:
+        """Watches the layers in this thread; a reusable null context when none are watched."""
+        if not self.layers:
+            return _NOTHING_WATCHED
+        return self._active()
+
     @contextlib.contextmanager
-    def active(self) -> Iterator[Watch]:
+    def _active(self) -> Iterator[Watch]:
         mine = _thread_watches()
         entered = []
         try:

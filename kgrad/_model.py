@@ -7,13 +7,14 @@ from typing import Any
 import keras
 
 from kgrad import _errors
+from kgrad import backends as _backends
 
 try:
+    from keras.src.backend.common.stateless_scope import get_stateless_scope as _get_stateless_scope
     from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_stateless_scope
 except ImportError:  # pragma: no cover - the import moved
-
-    def _in_stateless_scope() -> bool:
-        return True  # always map every variable, which is always right
+    from keras.src.backend import get_stateless_scope as _get_stateless_scope
+    from keras.src.backend import in_stateless_scope as _in_stateless_scope
 
 
 def check_built(model: Any) -> None:
@@ -78,59 +79,68 @@ def stateless_apply(
 
 
 class _Scope(keras.StatelessScope):
-    """A ``keras.StatelessScope`` in which some variables read their own values.
+    """A ``keras.StatelessScope`` in which unmapped variables read their values.
 
-    ``own`` holds the ``id`` of each variable that is not mapped but still
-    answers ``get_current_value`` with its value, as Keras expects of every
-    variable of the model (its regularisation losses read them so); only the
-    mapped values go through the scope's conversion.
+    An unmapped variable answers ``get_current_value`` with what the enclosing
+    ``StatelessScope`` gives it (``fit``'s traced values, a user's mapping), or
+    else with its own value, as Keras expects of every variable of the model
+    (its regularisation losses read them so). So only the mapped values go
+    through the scope's conversion, and nothing walks the model's variables.
+    Assignments made in the scope land in its mapping, and are read back.
     """
 
-    def __init__(self, state_mapping: list, own: set[int]):
-        super().__init__(state_mapping=state_mapping)
-        self._own = own
+    def __init__(self, state_mapping: list, outer):
+        self._outer = outer
+        if not state_mapping:
+            super().__init__()
+            return
+        ready = _backends.hook("scope_ready")
+        as_is = [ready(value, variable) for variable, value in state_mapping]
+        super().__init__(state_mapping=[p for p, ok in zip(state_mapping, as_is) if not ok])
+        for (variable, value), ok in zip(state_mapping, as_is):
+            if ok:  # what the conversion would return: spared
+                self.state_mapping[id(variable)] = value
 
     def get_current_value(self, variable):
         value = self.state_mapping.get(id(variable))
-        if value is None and id(variable) in self._own:
+        if value is None and self._outer is not None:
+            value = self._outer.get_current_value(variable)
+        if value is None:
             return variable._value
         return value
 
 
 def stateless_scope(
-    model: keras.layers.Layer, weights: dict[str, Any], by_id: dict[int, Any] | None = None
+    model: keras.layers.Layer,
+    weights: dict[str, Any],
+    by_id: dict[int, Any] | None = None,
+    variables: Any = None,
 ):
     """A ``keras.StatelessScope`` in which ``model``'s variables read ``weights``.
 
     Variables missing from ``weights`` read their current values (inside
-    ``fit``, the trainer's traced values). Assignments made in the scope (BatchNorm
-    statistics, seed states, metrics) are discarded when it closes. The model is
-    then called through ``model(x, training=...)``, as a user calls it, so
-    ``training`` reaches every layer, also in subclassed models whose ``call`` has
-    no ``training`` argument. ``by_id`` (``id(variable)`` -> value) gives values
-    for variables missing from ``weights``.
-
-    Outside every other ``StatelessScope``, a variable that would read its own
-    value is not converted into the mapping (see ``_Scope``), which spares a
-    conversion per variable on every call; inside one, each such variable maps
-    to the outer scope's value.
+    ``fit``, the trainer's traced values; inside a user's ``StatelessScope``,
+    its mapping). Assignments made in the scope (BatchNorm statistics, seed
+    states, metrics) are discarded when it closes. The model is then called
+    through ``model(x, training=...)``, as a user calls it, so ``training``
+    reaches every layer, also in subclassed models whose ``call`` has no
+    ``training`` argument. ``by_id`` (``id(variable)`` -> value) gives values
+    for variables missing from ``weights``. ``variables``, when given, are the
+    variables that ``weights`` names (else every variable of ``model`` is
+    looked at).
     """
-    by_id = by_id or {}
-    outer = _in_stateless_scope()
-    mapping, own = [], set()
-    for v in model.variables:
-        if v.path in weights:
-            value = weights[v.path]
-        elif id(v) in by_id:
-            value = by_id[id(v)]
-        elif outer:
-            value = v.value
-        else:
-            value = v._value  # its own value
-        if outer or value is not v._value:
-            mapping.append((v, value))
-        else:
-            own.add(id(v))
-    if own:
-        return _Scope(mapping, own)
-    return keras.StatelessScope(state_mapping=mapping)
+    outer = _get_stateless_scope() if _in_stateless_scope() else None
+    if by_id:
+        mapping = []
+        for v in model.variables:
+            if v.path in weights:
+                mapping.append((v, weights[v.path]))
+            elif id(v) in by_id:
+                mapping.append((v, by_id[id(v)]))
+        return _Scope(mapping, outer)
+    if not weights:
+        return _Scope([], outer)
+    mapping = [(v, weights[v.path]) for v in variables or () if v.path in weights]
+    if len(mapping) != len(weights):  # `variables` do not name every weight: look at all
+        mapping = [(v, weights[v.path]) for v in model.variables if v.path in weights]
+    return _Scope(mapping, outer)

@@ -19,6 +19,7 @@ objective is the loss, or the sum of the outputs that ``target`` selects.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -30,6 +31,8 @@ from kgrad import backends as _backends
 
 ops = keras.ops
 tree = keras.tree
+
+_NULL = contextlib.nullcontext()  # reusable, unlike the contexts it stands in for
 
 
 class Objective:
@@ -80,8 +83,15 @@ class Objective:
             out = self.model(x)
             return out, None, extra(out) if extra else None
         watch = _layers.Watch(self.watch, args.get("activations"))
-        scope = _model.stateless_scope(self.model, args.get("weights", {}), self._variable_values())
-        seeded = _backends.hook("seeded")(self.rng_seed)
+        weights = args.get("weights")
+        scope = _model.stateless_scope(
+            self.model,
+            weights or {},
+            self._variable_values(),
+            self._weights if weights else None,
+        )
+        seed = self.rng_seed
+        seeded = _NULL if seed is None else _backends.hook("seeded")(seed)
         with scope, watch.active(), seeded, _backends.hook("forward_scope")():
             y_pred = self.model(x, **_training_kwargs(self.model, self.training))
             if self.of is not None:  # a shared or uncalled `of` layer has no single output

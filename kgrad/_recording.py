@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
 
 import keras
 
@@ -30,8 +29,23 @@ _local = threading.local()
 _STEP_FUNCTIONS = frozenset({"train_step", "compute_loss", "_compute_loss"})
 
 
-@contextlib.contextmanager
-def differentiable() -> Iterator[None]:
+class _Differentiable(contextlib.ContextDecorator):
+    """The context of :func:`differentiable`: a per-thread depth, re-entrant."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _local.depth = getattr(_local, "depth", 0) + 1
+
+    def __exit__(self, *exc) -> bool:
+        _local.depth -= 1
+        return False
+
+
+_DIFFERENTIABLE = _Differentiable()
+
+
+def differentiable() -> contextlib.AbstractContextManager:
     """Keeps model-level results differentiable, for a hand-written training loop.
 
     On PyTorch, kgrad's model-level calls outside a Keras training step return
@@ -53,11 +67,7 @@ def differentiable() -> Iterator[None]:
     >>> tuple(g.shape)
     (3, 2)
     """
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    return _DIFFERENTIABLE
 
 
 def requested() -> bool:

@@ -41,8 +41,9 @@ class _Other(Exception):
 
 
 def _keys(d: dict) -> list:
-    if not all(type(k) is str for k in d):
-        raise _Other
+    for k in d:
+        if type(k) is not str:
+            raise _Other
     return sorted(d)
 
 

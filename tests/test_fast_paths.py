@@ -205,3 +205,83 @@ def test_regularisation_losses_read_the_variables_kgrad_does_not_replace():
     data_only = np_(kgrad.grad(model, x, y=y, loss="mse", wrt="weights")[kernel.path])
     # d/dW of 0.1 * sum(W**2) is 0.2 * W.
     np.testing.assert_allclose(with_reg - data_only, 0.2 * np_(kernel), rtol=1e-5, atol=1e-6)
+
+
+class _Counter(L.Layer):
+    """Multiplies by a count that each call raises by one (a state assigned in ``call``)."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(), initializer="zeros", trainable=False)
+
+    def call(self, x):
+        self.count.assign(self.count + 1.0)
+        return x * self.count
+
+
+def test_an_assignment_inside_the_call_is_read_back_then_discarded():
+    model = keras.Sequential([keras.Input((2,)), _Counter(name="c")])
+    x = np.ones((3, 2), "float32")
+    for _ in range(2):  # the count stays 0 between calls: each call sees 0 + 1
+        np.testing.assert_allclose(np_(kgrad.grad(model, x)), np.ones((3, 2)))
+    assert float(np_(model.get_layer("c").count)) == 0.0
+
+
+def test_a_regulariser_inside_a_users_stateless_scope_reads_its_mapping():
+    model = keras.Sequential(
+        [keras.Input((3,)), L.Dense(2, name="d", kernel_regularizer=keras.regularizers.L2(0.1))]
+    )
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = rng.normal(size=(4, 2)).astype("float32")
+    kernel = model.get_layer("d").kernel
+    mapped = rng.normal(size=(3, 2)).astype("float32")
+    model.compile(loss="mse")
+    with keras.StatelessScope(state_mapping=[(kernel, mapped)]):
+        with_reg = np_(kgrad.grad(model, x, y=y, wrt="weights")[kernel.path])
+        data_only = np_(kgrad.grad(model, x, y=y, loss="mse", wrt="weights")[kernel.path])
+    # d/dW of 0.1 * sum(W**2), at the mapped kernel, not the variable's own value.
+    np.testing.assert_allclose(with_reg - data_only, 0.2 * mapped, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_that_passed_its_checks_does_not_let_a_bad_one_through():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(1)])
+    good = np.ones((4, 3), "float32")
+    kgrad.grad(model, good)
+    kgrad.grad(model, good, y=np.ones((4, 1), "float32"), loss="mse")
+    with pytest.raises(ValueError, match="Received: x with shape"):
+        kgrad.grad(model, np.ones((4, 5), "float32"))
+    with pytest.raises(TypeError, match="Received: x with dtype int32"):
+        kgrad.grad(model, np.ones((4, 3), "int32"))
+    with pytest.raises(ValueError, match="same number of samples"):
+        kgrad.grad(model, good, y=np.ones((5, 1), "float32"), loss="mse")
+
+
+class _Typed:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def test_dtype_names_are_keras_names_and_none_follows_floatx():
+    from kgrad import _errors
+
+    expected = {np.dtype("float64"): "float64", float: "float32", np.dtype("int64"): "int64"}
+    for _ in range(2):  # the second round reads the remembered names
+        for dtype, name in expected.items():
+            assert _errors.dtype_name(_Typed(dtype)) == name
+    before = keras.config.floatx()
+    try:
+        for floatx in ("float16", "float64"):
+            keras.config.set_floatx(floatx)
+            assert _errors.dtype_name(_Typed(None)) == floatx
+    finally:
+        keras.config.set_floatx(before)
+
+
+def test_weights_given_in_another_dtype_are_converted():
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1, name="d")])
+    kernel, bias = model.get_layer("d").kernel, model.get_layer("d").bias
+    weights = {kernel.path: np.array([[2.0], [-1.0]]), bias.path: np.array([0.5])}  # float64
+    x = np.array([[1.0, 3.0]], "float32")
+    out = np_(kgrad.func.functional_call(model, weights, x))
+    np.testing.assert_allclose(out, [[2.0 - 3.0 + 0.5]])
+    assert str(out.dtype) == "float32"

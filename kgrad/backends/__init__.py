@@ -65,10 +65,21 @@ def hook(member: str) -> Any:
     True
     """
     module = load()
+    key = (module.name, member)
+    found = _hooks.get(key, _hooks)
+    if found is not _hooks:
+        return found
     if hasattr(module, member):
-        return getattr(module, member)
-    if member not in _contract.DEFAULTS:
+        found = getattr(module, member)
+    elif member in _contract.DEFAULTS:
+        found = _contract.DEFAULTS[member]
+    else:
         raise AttributeError(
             f"No backend hook named {member!r}. Known: {sorted(_contract.DEFAULTS)}."
         )
-    return _contract.DEFAULTS[member]
+    _hooks[key] = found
+    return found
+
+
+# (backend name, member) -> the hook: looked up once, as modules do not change.
+_hooks: dict[tuple[str, str], Any] = {}

@@ -80,6 +80,10 @@ def _results_as_given(out: Any, variables: list, arrays: dict) -> Any:
     return out
 
 
+def _never_ready(value: Any, variable: Any) -> bool:
+    return False
+
+
 def _no_taylor(g: Callable, x: Any, v: Any, order: int) -> None:
     return None
 
@@ -106,6 +110,7 @@ DEFAULTS = {
     "lay_out": _as_given,
     "distributed": _not_distributed,
     "place_results": _results_as_given,
+    "scope_ready": _never_ready,
     "hvp_mode": "fwd",
     "reusable_hvp": False,
     "per_sample_hessian_mode": "fwd",
@@ -268,6 +273,15 @@ class Hooks(Protocol):
         sample). The default places nothing; the JAX backend constrains
         weight-shaped results to their weights' layouts and per-sample ones to
         ``keras.distribution``'s data layout.
+        """
+
+    def scope_ready(self, value: Any, variable: Any) -> bool:
+        """Whether ``value`` can stand for ``variable`` in a ``keras.StatelessScope`` as it is.
+
+        That is, where the scope's conversion (``convert_to_tensor`` to the
+        variable's dtype) would return it unchanged; kgrad then spares the
+        conversion, a few microseconds per variable on every eager call. The
+        default is False: every value is converted.
         """
 
     hvp_mode: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 
 from kgrad.backends._jax_kernels import scan_recurrent_layers
@@ -85,6 +86,8 @@ def taylor_series(g, x, v, order):
 
 def lay_out(arrays):
     """Batches laid out with ``keras.distribution``'s data layout (``_jax_layout``)."""
+    if keras.distribution.distribution() is None:  # the common case: as given
+        return arrays
     from kgrad.backends import _jax_layout
 
     return _jax_layout.lay_out(arrays)
@@ -99,6 +102,4 @@ def place_results(out, variables, arrays):
 
 def distributed():
     """Whether a ``keras.distribution`` is set (``_contract.Backend.distributed``)."""
-    import keras
-
     return keras.distribution.distribution() is not None
