@@ -81,9 +81,14 @@ def pad(fname: str, model, options: dict, arrays: dict):
     if size == n or _backends.hook("concrete")(leaves[0]) is None:
         return None  # nothing to pad, or traced: the caller's own compile decides
     if isinstance(model, keras.layers.Layer):
-        # Errors about the input's shape must name the shape the user gave (unpadded
-        # calls get the same check when they are traced).
-        _checks._check_input_shapes(model, arrays["x"], fname)
+        # Errors about the input's shape and dtype must name the shape the user gave
+        # (unpadded calls get the same checks when they are traced).
+        checked = arrays["x"]
+        if "inputs" in kinds and options.get("input") is not None:
+            from kgrad._operator_args import resolve_input
+
+            checked = tree.flatten(checked)[resolve_input(model, checked, options["input"], fname)]
+        _checks.check_model_call(model, arrays["x"], None, checked, fname, "inputs" in kinds)
 
     def pad_leaf(leaf):
         last = leaf[n - 1 : n]

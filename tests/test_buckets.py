@@ -44,6 +44,18 @@ def test_an_input_without_batch_axis_is_reported_with_its_own_shape():
         kgrad.grad(model, np.ones(3, "float32"))
 
 
+@pytest.mark.parametrize(
+    "call",
+    [kgrad.grad, kgrad.laplacian, lambda m, x: kgrad.partial(m, x, (0, 0), input=0)],
+    ids=["grad", "laplacian", "partial-input"],
+)
+def test_an_integer_input_is_reported_with_its_own_shape(call):
+    """The dtype check also runs before padding: 3 samples, not the bucket's 4."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(TypeError, match=r"dtype int32 and shape \(3, 3\)"):
+        call(model, np.zeros((3, 3), "int32"))
+
+
 @pytest.mark.skipif(not COMPILES, reason="torch runs eagerly with torch.func")
 def test_a_stream_of_batch_sizes_compiles_once_per_bucket(rng):
     model = Counting()
