@@ -72,14 +72,24 @@ def ghost_layers(req, weights: dict) -> dict:
     return chosen
 
 
-def squared_norms(req, weights: dict, layers: dict, sample_weight) -> object:
-    """``(B,)``: the squared norms of each sample's gradient over ``layers``' weights."""
+def squared_norms(req, weights: dict, layers: dict, sample_weight) -> tuple:
+    """``(total, used)``: ``(B,)`` squared norms over the weights of the layers ``used``.
+
+    ``used`` are the ``layers`` called once in the forward pass; a shared layer
+    (called several times) or one off the path from the inputs (never called)
+    is left out, for the caller's exact per-sample gradients. ``total`` is None
+    where none is left.
+    """
     sub = dataclasses.replace(req, watch={**req.watch, **layers})
     args = {"weights": weights}
     _, first, _ = sub.run(args)
-    first.check_called_once(list(layers))
+    used = {name: layer for name, layer in layers.items() if first.calls.get(name, 0) == 1}
+    if not used:
+        return None, used
+    if len(used) != len(layers):
+        sub = dataclasses.replace(req, watch={**req.watch, **used})
     inputs = dict(first.inputs)
-    zeros = {name: ops.zeros_like(first.outputs[name]) for name in layers}
+    zeros = {name: ops.zeros_like(first.outputs[name]) for name in used}
 
     def summed_losses(probes):
         out, _, _ = sub.run({**args, "activations": probes})
@@ -87,14 +97,14 @@ def squared_norms(req, weights: dict, layers: dict, sample_weight) -> object:
 
     d_out = func.grad(summed_losses)(zeros)
     total = None
-    for name, layer in layers.items():
+    for name, layer in used.items():
         d = ops.cast(d_out[name], "float32")
         if type(layer) is keras.layers.Embedding:
             part = _embedding_squares(inputs[name], d)
         else:
             part = _layer_squares(layer, ops.cast(inputs[name], "float32"), d, weights)
         total = part if total is None else total + part
-    return total
+    return total, used
 
 
 def _layer_squares(layer, a, d, weights):

@@ -107,8 +107,8 @@ def per_sample_grad_norm(
     samples carry large gradients. Exact in every case:
 
     - with an explicit ``loss``, a Dense, EinsumDense, Embedding, Conv1D or
-      Conv2D layer of the model whose weights are all selected gets "ghost
-      norms" (``kgrad._ghost``): from its
+      Conv2D layer of the model whose weights are all selected, called once
+      in the forward pass, gets "ghost norms" (``kgrad._ghost``): from its
       inputs (a convolution's input patches) and the gradient of the summed
       per-sample losses with respect to its pre-activation output, which one
       backward pass gives, without a per-sample backward pass;
@@ -187,9 +187,11 @@ def _per_sample_grad_norm(req, arrays, options):
     sample_weight = _checked_sample_weight(req, arrays)
     weights = req.args(("weights",))["weights"]
     ghost = _ghost.ghost_layers(req, weights)
+    total = None
+    if ghost:  # the layers called once: ghost norms; the others: exact, below
+        total, ghost = _ghost.squared_norms(req, weights, ghost, sample_weight)
     ghosted = {v.path for layer in ghost.values() for v in layer.trainable_variables}
     rest = [p for p in weights if p not in ghosted]
-    total = _ghost.squared_norms(req, weights, ghost, sample_weight) if ghost else None
     if rest:
         exact = _exact_squared_norms(req, weights, sample_weight, options, rest)
         total = exact if total is None else total + exact

@@ -352,6 +352,24 @@ def test_a_compiled_loss_and_multi_output_models(rng, monkeypatch):
     assert seen["ghost"] and all(len(g) == 3 for g in seen["ghost"])
 
 
+def test_a_shared_layer_gets_exact_norms_and_the_others_ghost_norms(rng, monkeypatch):
+    seen = _spy(monkeypatch)
+    inputs = keras.Input((4,))
+    shared = L.Dense(4, activation="tanh", name="shared")
+    model = keras.Model(inputs, L.Dense(2, name="head")(shared(shared(inputs))))
+    x = rng.normal(size=(3, 4)).astype("float32")
+    y = rng.normal(size=(3, 2)).astype("float32")
+    got = np_(kgrad.per_sample_grad_norm(model, x, y, loss="mse"))
+    # Each sample alone: its loss is the mean over its own outputs.
+    want = []
+    for i in range(3):
+        g = kgrad.grad(model, x[i : i + 1], y=y[i : i + 1], loss="mse", wrt="weights")
+        want.append(np.sqrt(sum(np.sum(np_(v).astype("float64") ** 2) for v in g.values())))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert seen["ghost"] == [["head", "shared"]]
+    assert seen["exact"] == [sorted(v.path for v in shared.trainable_variables)]
+
+
 def test_ghost_norms_of_einsum_dense_embedding_and_attention(rng, monkeypatch):
     seen = _spy(monkeypatch)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
