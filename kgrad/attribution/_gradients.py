@@ -103,7 +103,10 @@ def smoothgrad(
     ``σ · np.random.RandomState(seed).standard_normal((samples, B, ...))``, so
     a seed gives the same noise, and so the same map, on every backend; it is
     the noise tf-keras-vis draws after ``np.random.seed(seed)``. The copies
-    are evaluated as one batch of ``samples × B`` rows, sample-major.
+    are evaluated as one batch of ``samples × B`` rows, sample-major. A
+    dataset's batches draw theirs in turn from the one seeded generator, so a
+    seeded map of a stream depends on its batching (and is not the in-memory
+    map of the same samples concatenated).
 
     Args:
         model: a built ``keras.Model`` (or a callable built from ``keras.ops``).
