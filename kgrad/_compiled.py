@@ -135,11 +135,7 @@ class _Entry:
 
 def _values(variables) -> list:
     """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
-    if _model._in_stateless_scope():
-        return [v.value for v in variables]
-    # Outside a scope `v.value` is `v._value` plus autocast bookkeeping (which
-    # only applies to mixed-precision layers while they run); this is the hot path.
-    return [v._value for v in variables]
+    return _model.current_values(variables)
 
 
 def _traced(fname, body, model, options, entry, variables) -> Callable:

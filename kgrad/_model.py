@@ -28,6 +28,16 @@ def check_built(model: Any) -> None:
         )
 
 
+def current_values(variables) -> list:
+    """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
+    if _in_stateless_scope():
+        return [v.value for v in variables]
+    # Outside a scope `v.value` is `v._value` plus autocast bookkeeping (which
+    # only applies to mixed-precision layers while they run, and then again when
+    # the layer reads the value); this is the hot path.
+    return [v._value for v in variables]
+
+
 def _paths(variables) -> list[str]:
     paths = [v.path for v in variables]
     if len(set(paths)) != len(paths):

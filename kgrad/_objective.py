@@ -58,6 +58,9 @@ class Objective:
     def weight_values(self) -> dict[str, Any]:
         """Current values of the trainable weights of the selected layers."""
         given = self._variable_values()
+        if not given:
+            weights = self._weights
+            return dict(zip([v.path for v in weights], _model.current_values(weights)))
         return {v.path: given[id(v)] if id(v) in given else v.value for v in self._weights}
 
     def template(self, kind: str):

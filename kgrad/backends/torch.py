@@ -216,6 +216,8 @@ def eager_call(f, arrays):
         out = f()
     finally:
         torch._C._set_grad_enabled(enabled)
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in _tree.flatten(out)):
+        return out  # made under no_grad: nothing to detach (the common case)
     return _tree.map_structure(_detached, out)
 
 
