@@ -7,6 +7,8 @@ import functools
 import keras
 import tensorflow as tf
 
+from kgrad.backends._tf_kernels import safe_pfor
+
 tree = keras.tree
 
 
@@ -27,7 +29,8 @@ def _move_first_axis_last(p, x):
 def _map(fn, elems):
     """``tf.vectorized_map`` where pfor can convert ``fn``; otherwise a loop."""
     try:
-        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
+        with safe_pfor():
+            return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
     except (ValueError, NotImplementedError, TypeError, tf.errors.OpError) as err:
         n = tree.flatten(elems)[0].shape[0]
         if n is None:

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kgrad.backends._tf_kernels import _exact_moments
+from kgrad.backends._tf_kernels import _exact_moments, safe_pfor
 from kgrad.backends._tf_map import _map, _move_first_axis_last, convert, vmap
 
 name = "tensorflow"
@@ -188,7 +188,8 @@ def _jvp_by_two_vjps(f, primals, p_flat, t_flat, has_aux):
 
 def _tape_jacobian(tape, target, source):
     try:
-        return tape.jacobian(target, source, unconnected_gradients=_ZERO)
+        with safe_pfor():
+            return tape.jacobian(target, source, unconnected_gradients=_ZERO)
     except (ValueError, NotImplementedError, TypeError, tf.errors.OpError):
         # pfor cannot convert some ops; a while loop always works.
         return tape.jacobian(
