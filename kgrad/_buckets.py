@@ -83,12 +83,9 @@ def pad(fname: str, model, options: dict, arrays: dict):
     if isinstance(model, keras.layers.Layer):
         # Errors about the input's shape and dtype must name the shape the user gave
         # (unpadded calls get the same checks when they are traced).
-        checked = arrays["x"]
-        if "inputs" in kinds and options.get("input") is not None:
-            from kgrad._operator_args import resolve_input
-
-            checked = tree.flatten(checked)[resolve_input(model, checked, options["input"], fname)]
-        _checks.check_model_call(model, arrays["x"], None, checked, fname, "inputs" in kinds)
+        _checks.check_model_call(
+            model, arrays["x"], None, fname, "inputs" in kinds, options.get("input")
+        )
 
     def pad_leaf(leaf):
         last = leaf[n - 1 : n]

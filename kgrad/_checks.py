@@ -164,14 +164,24 @@ _passed_lock = threading.Lock()
 _MAX_PASSED = 256
 
 
-def check_model_call(model, x, y, checked: Any, fname: str, check_float: bool) -> None:
-    """The checks of a Keras model's call: float inputs (``checked``), shapes, batch sizes.
+def float_part(model, x, input: Any, fname: str) -> Any:
+    """The part of ``x`` that ``wrt="inputs"`` differentiates: all of it, or the ``input`` named."""
+    if input is None:
+        return x
+    from kgrad._operator_args import resolve_input
 
-    ``checked`` is the part of ``x`` that must be float (with ``check_float``).
-    Each signature is checked once per model (see ``_passed``).
+    return tree.flatten(x)[resolve_input(model, x, input, fname)]
+
+
+def check_model_call(model, x, y, fname: str, check_float: bool, input: Any = None) -> None:
+    """The checks of a Keras model's call: float inputs, shapes, batch sizes.
+
+    With ``check_float``, the inputs that ``wrt="inputs"`` differentiates (all,
+    or the ``input`` named, see :func:`float_part`) must be float. Each
+    signature is checked once per model (see ``_passed``).
     """
     try:
-        key = (_spec.signature(x), _spec.signature(y), _spec.signature(checked), check_float)
+        key = (_spec.signature(x), _spec.signature(y), check_float, input)
         hash(key)
     except (AttributeError, TypeError):  # leaves without shapes: check every time
         key = None
@@ -179,7 +189,7 @@ def check_model_call(model, x, y, checked: Any, fname: str, check_float: bool) -
     if seen is not None and key in seen:
         return
     if check_float:
-        _check_inputs(model, checked, fname)
+        _check_inputs(model, float_part(model, x, input, fname), fname)
     _check_input_shapes(model, x, fname)
     _check_batch_sizes(x, y, fname)
     if key is not None:

@@ -133,11 +133,6 @@ class _Entry:
         self.unflatten = None
 
 
-def _values(variables) -> list:
-    """Current variable values; inside a ``StatelessScope`` (``fit``, a user's), the scope's."""
-    return _model.current_values(variables)
-
-
 def _traced(fname, body, model, options, entry, variables) -> Callable:
     """The function ``f(state, arrays)`` of one signature, for ``compile_call``.
 
@@ -285,7 +280,7 @@ def call(
             entries.move_to_end(spec)  # least recently used entries go first
         except KeyError:  # dropped by another thread meanwhile
             pass
-    flat = entry.fn(_values(variables), arrays)
+    flat = entry.fn(_model.current_values(variables), arrays)
     return done(entry.unflatten(flat))
 
 

@@ -155,15 +155,10 @@ def prepare(
             f"with {'y' if y is not None else 'loss'} given. Pass either `target` or "
             f"`y`/`loss`; to weigh some outputs in a loss, write it as a callable `loss=`."
         )
-    checked = x
-    if "inputs" in kinds and input is not None:
-        from kgrad._operator_args import resolve_input
-
-        checked = tree.flatten(x)[resolve_input(model, x, input, fname)]
     if is_keras:
-        _checks.check_model_call(model, x, y, checked, fname, "inputs" in kinds)
+        _checks.check_model_call(model, x, y, fname, "inputs" in kinds, input)
     elif "inputs" in kinds:
-        _checks._check_inputs(model, checked, fname)
+        _checks._check_inputs(model, _checks.float_part(model, x, input, fname), fname)
     leaves = _tree.flatten(x)
     batch = leaves[0].shape[0] if leaves and len(leaves[0].shape) else 1
     batch = None if batch is None else int(batch)

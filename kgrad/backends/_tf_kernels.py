@@ -13,10 +13,9 @@ import threading
 import tensorflow as tf
 
 from kgrad.backends import _internals
-from kgrad.backends._swaps import reference_counted
+from kgrad.backends._swaps import reference_counted, swapped_attributes
 
-_patch_lock = threading.RLock()
-_patch_depth = 0
+_checked_lock = threading.Lock()
 # Whether `_internals.check_tensorflow` passed (once per process, on the first swap).
 _checked = False
 
@@ -38,28 +37,26 @@ def _moments(x, axes, keepdims):
     return mean, variance
 
 
+def _keras_tf_nn():
+    from keras.src.backend.tensorflow import nn
+
+    return nn
+
+
+# Keras's TF moments use `_moments` while entered; process-wide, reference-counted.
+_swap_moments = swapped_attributes(_keras_tf_nn, {"_compute_moments": _moments})
+
+
 @contextlib.contextmanager
 def _exact_moments():
     """While kgrad differentiates, Keras's TF moments use :func:`_moments`."""
-    global _patch_depth, _checked
-    with _patch_lock:
+    global _checked
+    with _checked_lock:
         if not _checked:
             _internals.check_tensorflow()
             _checked = True
-    from keras.src.backend.tensorflow import nn as keras_tf_nn
-
-    with _patch_lock:
-        if _patch_depth == 0:
-            _exact_moments.original = keras_tf_nn._compute_moments
-            keras_tf_nn._compute_moments = _moments
-        _patch_depth += 1
-    try:
+    with _swap_moments():
         yield
-    finally:
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                keras_tf_nn._compute_moments = _exact_moments.original
 
 
 def _pfor_module():
