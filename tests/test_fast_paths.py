@@ -285,3 +285,39 @@ def test_weights_given_in_another_dtype_are_converted():
     out = np_(kgrad.func.functional_call(model, weights, x))
     np.testing.assert_allclose(out, [[2.0 - 3.0 + 0.5]])
     assert str(out.dtype) == "float32"
+
+
+def test_cached_calls_read_the_variables_as_they_are_at_each_call():
+    # On TensorFlow a cached call captures the model's tf.Variables (outside a
+    # scope) and takes a scope's values as arguments; either way each call
+    # reads the values of that moment. Closed form: d sum(x @ K + b) / dx = K.
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1, name="d")])
+    kernel = model.get_layer("d").kernel
+    x = np.ones((3, 2), "float32")
+
+    def expect(k):
+        np.testing.assert_allclose(np_(kgrad.grad(model, x)), np.tile(k[:, 0], (3, 1)))
+        grads = kgrad.grad(model, x, wrt="weights")
+        np.testing.assert_allclose(np_(grads[kernel.path]), np.full((2, 1), 3.0))
+
+    for k in ([[1.0], [2.0]], [[-4.0], [0.5]]):  # assigned between calls
+        kernel.assign(np.array(k, "float32"))
+        expect(np.array(k))
+    mapped = np.array([[7.0], [-7.0]], "float32")
+    with keras.StatelessScope(state_mapping=[(kernel, mapped)]):
+        expect(mapped)
+    expect(np.array([[-4.0], [0.5]]))  # the captured path again, after the scope's
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's captures")
+def test_tensorflow_captures_again_when_a_variable_is_another_object():
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1, name="d")])
+    kernel = model.get_layer("d").kernel
+    x = np.ones((3, 2), "float32")
+    kgrad.grad(model, x)
+    # Keras holds each value in a tf.Variable; one replaced by another object
+    # (as re-initialising does) must be read, not the captured old one.
+    kernel._value = tf.Variable(np.array([[3.0], [-1.0]], "float32"))
+    np.testing.assert_allclose(np_(kgrad.grad(model, x)), np.tile([3.0, -1.0], (3, 1)))

@@ -9,6 +9,7 @@ others to any order, inside and outside ``tf.function``.
 from __future__ import annotations
 
 import functools
+import operator
 
 import keras
 import numpy as np
@@ -322,24 +323,47 @@ class _Compiled:
     kgrad's cache key already fixes the shapes, dtypes and variables, so the
     polymorphic ``tf.function``'s per-call work (matching the arguments against
     its traces, about 30 us per variable) buys nothing: after the first trace
-    the concrete function is called directly. The state is ``tf.Variable``s
-    outside a ``keras.StatelessScope`` and tensors inside one (the scope's
-    values); each kind has its own trace, so neither is ever frozen into the
-    other.
+    the concrete function is called directly.
+
+    The state is ``tf.Variable``s outside a ``keras.StatelessScope`` and
+    tensors inside one (the scope's values). Tensors are arguments, so a
+    scope's values are never frozen into the trace. ``tf.Variable``s are
+    captured, as in a hand-written ``tf.function`` that calls the model: the
+    function reads them when it runs, and TensorFlow hands captured handles
+    over without the per-variable Python work that variable arguments cost
+    (about 5 us each; 0.5 ms per call for a 100-variable model). The capture
+    is made again whenever the variables are other objects.
     """
 
-    __slots__ = ("_poly", "_concrete")
+    __slots__ = ("_f", "_poly", "_concrete", "_captured")
 
     def __init__(self, f):
+        self._f = f
         self._poly = tf.function(_Call(f), autograph=False, reduce_retracing=False)
         self._concrete: dict = {}
+        self._captured = None  # (variables, concrete function of `arrays`)
 
     def __call__(self, state, arrays):
+        if all(isinstance(s, tf.Variable) for s in state):
+            return self._call_captured(state, arrays)
         kind = tuple(isinstance(s, tf.Variable) for s in state)
         concrete = self._concrete.get(kind)
         if concrete is None:
             concrete = self._concrete[kind] = self._poly.get_concrete_function(state, arrays)
         return concrete(state, arrays)
+
+    def _call_captured(self, state, arrays):
+        held = self._captured
+        if held is None or len(held[0]) != len(state) or not all(map(operator.is_, held[0], state)):
+            variables = tuple(state)
+            f = self._f
+            fn = tf.function(
+                _Call(lambda _, arrays: f(list(variables), arrays)),
+                autograph=False,
+                reduce_retracing=False,
+            )
+            held = self._captured = (variables, fn.get_concrete_function((), arrays))
+        return held[1]((), arrays)
 
 
 def compile_call(f):
