@@ -137,9 +137,10 @@ def _traced(fname, body, model, options, entry, variables) -> Callable:
     """The function ``f(state, arrays)`` of one signature, for ``compile_call``.
 
     Every variable value is an argument (``state``, aligned with
-    ``model.variables``), on TensorFlow as on JAX: nothing is read inside the
-    compiled code, so a user's ``keras.StatelessScope`` mapping reaches it and
-    no value is ever frozen into it.
+    ``model.variables``): a user's ``keras.StatelessScope`` mapping reaches
+    the compiled code and no value is ever frozen into it. (Outside a scope,
+    TensorFlow's ``compile_call`` captures the ``tf.Variable`` s it is given
+    instead, which it reads when it runs; see ``backends.tensorflow._Compiled``.)
     """
     ref = weakref.ref(model)  # the compiled function must not keep the model alive
     prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
