@@ -140,7 +140,7 @@ def _traced(fname, body, model, options, entry, variables) -> Callable:
     ``model.variables``): a user's ``keras.StatelessScope`` mapping reaches
     the compiled code and no value is ever frozen into it. (Outside a scope,
     TensorFlow's ``compile_call`` captures the ``tf.Variable`` s it is given
-    instead, which it reads when it runs; see ``backends.tensorflow._Compiled``.)
+    instead, which it reads when it runs; see ``backends._tf_compiled._Compiled``.)
     """
     ref = weakref.ref(model)  # the compiled function must not keep the model alive
     prepare_kwargs = {k: options[k] for k in _PREPARE_KEYS if k in options}
