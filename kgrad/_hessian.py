@@ -90,6 +90,9 @@ def _hessian(req: _engine.Request, arrays, options):
         struct = args[kind]
         if kind == "weights":
             flat = tree.flatten(struct)
+            if not flat:  # nothing selected (a frozen model, weightless layers), as `grad`
+                per_kind[kind] = {}
+                continue
             n = sum(math.prod(tuple(v.shape)) for v in flat)
             _memory.check("Hessian", [(n, n)], 0, _itemsize(flat[0]) if flat else 4, "hessian")
             per_kind[kind] = {
@@ -262,6 +265,8 @@ def _hvp(req: _engine.Request, arrays, options):
                 f"Received: vector of type {type(vector).__name__}."
             )
         _errors.check_keys(vector, list(full), f"`vector` (the {wrt} of the selected layers)")
+        if not vector:  # an empty selection (a frozen model, weightless layers), as `grad`
+            return {}
         primal = {k: full[k] for k in vector}
 
         def objective(sub):

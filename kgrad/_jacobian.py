@@ -112,6 +112,9 @@ def _jacobian(req: _engine.Request, arrays, options):
             )
         struct = args[kind]
         leaves = tree.flatten(struct)
+        if not leaves:  # nothing selected (a frozen model, weightless layers), as `grad`
+            per_kind[kind] = struct
+            continue
 
         def selected(v, kind=kind):
             return _single_output(req.selected_output({**args, kind: v}), of, target)

@@ -16,7 +16,7 @@ import math
 import keras
 import numpy as np
 
-from kgrad import _batches, _compiled, _errors, _ghost, _jac, _loss, _memory, func
+from kgrad import _batches, _compiled, _errors, _ghost, _jac, _loss, _memory, _tree, func
 from kgrad._jacobian import _check_chunk
 
 ops = keras.ops
@@ -195,6 +195,12 @@ def _per_sample_grad_norm(req, arrays, options):
     if rest:
         exact = _exact_squared_norms(req, weights, sample_weight, options, rest)
         total = exact if total is None else total + exact
+    if total is None:  # nothing selected (a frozen model, weightless layers): norms of nothing
+        leaf = _tree.flatten(req.x)[0]
+        zeros = ops.zeros_like(ops.cast(leaf, keras.config.floatx()))
+        return (
+            ops.sum(zeros, axis=tuple(range(1, len(leaf.shape)))) if len(leaf.shape) > 1 else zeros
+        )
     return ops.sqrt(total)
 
 

@@ -134,3 +134,32 @@ def test_target_with_a_loss_is_an_error_not_ignored(fname):
     }
     with pytest.raises(ValueError, match=r"target.*ignored.*Received: target=0"):
         calls[fname]()
+
+
+@pytest.mark.parametrize("frozen", ["model", "layers"])
+def test_an_empty_weight_selection_gives_empty_results_and_zero_norms(frozen, rng):
+    # A frozen model, or a weightless layer, selects no weights. As `grad`
+    # gives {} there, so do the other weight derivatives; the norm of no
+    # gradient is 0 for every sample; the spectrum has nothing to work on.
+    inp = keras.Input((3,))
+    h = keras.layers.Dense(4, activation="tanh", name="h")(inp)
+    h = keras.layers.Dropout(0.5, name="drop")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="o")(h))
+    layers = None
+    if frozen == "model":
+        model.trainable = False
+    else:
+        layers = "drop"
+    x = rng.normal(size=(5, 3)).astype("float32")
+    y = rng.normal(size=(5, 2)).astype("float32")
+    kw = dict(y=y, loss="mse", layers=layers)
+    assert kgrad.grad(model, x, wrt="weights", **kw) == {}
+    assert kgrad.per_sample_grad(model, x, **kw) == {}
+    assert kgrad.hessian(model, x, wrt="weights", **kw) == {}
+    assert kgrad.hvp(model, x, {}, **kw) == {}
+    assert kgrad.jacobian(model, x, wrt="weights", layers=layers) == {}
+    assert kgrad.jacobian(model, x, wrt="weights", layers=layers, mode="fwd") == {}
+    norms = np_(kgrad.per_sample_grad_norm(model, x, **kw))
+    np.testing.assert_array_equal(norms, np.zeros(5, "float32"))
+    with pytest.raises(ValueError, match="no values to differentiate. Received:"):
+        kgrad.hessian_trace(model, x, **kw)
