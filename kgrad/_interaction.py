@@ -114,11 +114,12 @@ def _stored(variable):
     """The variable's stored value; random values of its shape where there is none.
 
     Keras's JAX trainer empties the variables while ``fit`` runs (the state
-    lives in the trainer); whether samples interact is a property of the
+    lives in the trainer), and a TensorFlow model built inside ``fit``'s traced
+    step has variables that are not initialised yet; whether samples interact is a property of the
     computation, not of particular weight values.
     """
     value = variable._value
-    if value is not None:
+    if value is not None and _backends.hook("initialized")(value):
         return value
     dtype = _errors.dtype_name(variable)
     shape = tuple(variable.shape)

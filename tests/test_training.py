@@ -214,3 +214,30 @@ def test_gradient_penalty_with_a_data_loss_on_an_mlp():
     history = model.fit(x, y, batch_size=32, epochs=30, verbose=0)
     assert penalty() < 0.25 * before
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_FLAGS, ids=[f"jit_compile={f}" for f in JIT_FLAGS])
+def test_a_model_built_inside_fit_trains_with_a_kgrad_loss(jit_compile):
+    # No keras.Input: the weights are created in fit's first (traced) step, where
+    # kgrad's sample-interaction probe cannot read them yet on TensorFlow.
+    # Closed form: for f(x) = x @ w + b, d sum f / d x is w in every row, so the
+    # loss mean((x @ w + b - y)^2) + 0.5 * mean(w^2) has the gradient
+    # (2/B) X^T r + w / 3 in w and (2/B) sum r in b (r the residuals).
+    class Net(keras.Sequential):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            data = ops.mean((y_pred - y) ** 2)
+            return data + 0.5 * ops.mean(kgrad.grad(self, x) ** 2)
+
+    model = Net([keras.layers.Dense(1, kernel_initializer="ones", name="d")])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), jit_compile=jit_compile)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 3)).astype("float32")
+    y = rng.normal(size=(4, 1)).astype("float32")
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    w, b = np.ones((3, 1)), np.zeros(1)
+    r = x.astype("float64") @ w + b - y
+    want_w = w - 0.1 * (2 / 4 * x.T @ r + w / 3)
+    want_b = b - 0.1 * (2 / 4 * r.sum(axis=0))
+    got_w, got_b = model.get_weights()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)

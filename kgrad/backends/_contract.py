@@ -84,6 +84,10 @@ def _never_ready(value: Any, variable: Any) -> bool:
     return False
 
 
+def _always_initialized(value: Any) -> bool:
+    return True
+
+
 def _no_taylor(g: Callable, x: Any, v: Any, order: int) -> None:
     return None
 
@@ -111,6 +115,7 @@ DEFAULTS = {
     "distributed": _not_distributed,
     "place_results": _results_as_given,
     "scope_ready": _never_ready,
+    "initialized": _always_initialized,
     "hvp_mode": "fwd",
     "reusable_hvp": False,
     "per_sample_hessian_mode": "fwd",
@@ -282,6 +287,14 @@ class Hooks(Protocol):
         variable's dtype) would return it unchanged; kgrad then spares the
         conversion, a few microseconds per variable on every eager call. The
         default is False: every value is converted.
+        """
+
+    def initialized(self, value: Any) -> bool:
+        """Whether a variable's stored value (``variable._value``) can be read eagerly.
+
+        False for TensorFlow variables that a ``tf.function`` being traced
+        creates (a model built inside ``fit``'s step), which hold no value
+        until the function runs. The default is True.
         """
 
     hvp_mode: str

@@ -319,6 +319,19 @@ def concrete(x):
     return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
+def initialized(value) -> bool:
+    """False for a ``tf.Variable`` whose initialiser has not run yet.
+
+    A model built inside a ``tf.function`` (``fit``'s first step) gets
+    variables whose initialisers run when the function does; read eagerly
+    while it is traced, they give empty tensors.
+    """
+    if not isinstance(value, tf.Variable):
+        return True
+    with tf.init_scope():
+        return bool(value.is_initialized())
+
+
 def eager_scope():
     """Lifts out of a graph being built (``tf.init_scope``) into eager execution."""
     return tf.init_scope()
