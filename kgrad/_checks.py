@@ -7,6 +7,7 @@ import weakref
 from typing import Any
 
 import keras
+import numpy as np
 
 from kgrad import _errors, _layers, _spec, _tree
 
@@ -198,3 +199,23 @@ def check_model_call(model, x, y, fname: str, check_float: bool, input: Any = No
             if seen is None or len(seen) >= _MAX_PASSED:
                 seen = _passed[model] = set()
             seen.add(key)
+
+
+def normalize_target(target: Any) -> Any:
+    """``target`` with integer scalars of NumPy or a backend (``np.int64(3)``,
+    ``np.argmax(...)``, a 0-d integer array) as Python ints, in a tuple index
+    too; anything else as given."""
+    if target is None or type(target) is int or callable(target):
+        return target
+    if isinstance(target, (tuple, list)):
+        return type(target)(normalize_target(t) for t in target)
+    if isinstance(target, np.integer):
+        return int(target)
+    if getattr(target, "shape", None) == () and _errors.dtype_name(target).startswith(
+        ("int", "uint")
+    ):
+        try:
+            return int(target)
+        except TypeError:  # a symbolic tensor: select() reports it
+            return target
+    return target

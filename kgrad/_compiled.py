@@ -45,7 +45,7 @@ from typing import Any
 
 import keras
 
-from kgrad import _batches, _buckets, _engine, _memory, _model, _spec
+from kgrad import _batches, _buckets, _checks, _engine, _memory, _model, _spec
 from kgrad import backends as _backends
 from kgrad.backends import _contract
 
@@ -218,6 +218,9 @@ def call(
     ``body`` returns a structure of tensors (dicts, lists, tuples, ``None``);
     ``finish(model, result)`` turns it into the public result.
     """
+    target = options.get("target")
+    if target is not None and type(target) is not int:  # np.int64(3) is 3
+        options = {**options, "target": _checks.normalize_target(target)}
     if _batches.is_batches(arrays.get("x")):  # a dataset or an iterable of batches
         return _batches.run(
             fname, lambda a: call(fname, body, model, a, options, finish), model, arrays, options

@@ -118,6 +118,12 @@ class Objective:
                 f"is a {type(out).__name__} of several tensors. Received: target={target!r}. "
                 f"Pick one with `of=`, or pass a callable `target=lambda y: ...`."
             )
+        if not isinstance(target, (int, tuple, list)):
+            raise TypeError(
+                f"`target` selects outputs by an int index, a tuple of int indices or a "
+                f"callable. Received: target={target!r} of type {type(target).__name__}. "
+                f"Pass e.g. `target=3`, `target=(0, 2)` or `target=lambda y: y[:, 3]`."
+            )
         idx = (target,) if isinstance(target, int) else tuple(target)
         feat = tuple(out.shape[1:])
         if len(idx) > len(feat) or not all(isinstance(i, int) for i in idx):

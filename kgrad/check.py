@@ -22,7 +22,7 @@ import weakref
 import keras
 import numpy as np
 
-from kgrad import _engine, _errors, api
+from kgrad import _checks, _engine, _errors, api
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -172,6 +172,7 @@ def check_grad(
         raise ValueError(
             f"`max_entries` must be a positive int. Received: max_entries={max_entries!r}."
         )
+    target = _checks.normalize_target(target)
     options = dict(wrt=wrt, layers=layers, of=of, target=target, y=y, loss=loss, training=training)
     req = _engine.prepare("check_grad", model, x, **options)
     # The gradient a user gets: kgrad.grad itself, compiled and cached as usual.

@@ -163,3 +163,27 @@ def test_an_empty_weight_selection_gives_empty_results_and_zero_norms(frozen, rn
     np.testing.assert_array_equal(norms, np.zeros(5, "float32"))
     with pytest.raises(ValueError, match="no values to differentiate. Received:"):
         kgrad.hessian_trace(model, x, **kw)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [np.int64(1), np.int32(1), np.array(1), (np.int64(1),), "tensor"],
+    ids=["np.int64", "np.int32", "0-d array", "tuple of np.int64", "0-d tensor"],
+)
+def test_an_integer_target_of_numpy_or_the_backend_counts_as_an_int(target, rng):
+    # target=np.argmax(...) or labels[i]: the output they pick is output 1.
+    if isinstance(target, str):
+        target = ops.convert_to_tensor(np.array(1, "int32"))
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2, name="o")(inp))
+    x = rng.normal(size=(4, 3)).astype("float32")
+    kernel = np_(model.get_layer("o").kernel)
+    want = np.tile(kernel[:, 1], (4, 1))  # d (x @ K + b)[:, 1] / dx = K[:, 1]
+    np.testing.assert_allclose(np_(kgrad.grad(model, x, target=target)), want, rtol=1e-6)
+    np.testing.assert_allclose(np_(kgrad.jacobian(model, x, target=target)), want, rtol=1e-6)
+    assert kgrad.check_grad(model, x, target=target).ok
+
+
+def test_a_float_target_is_refused_with_what_was_received():
+    with pytest.raises(TypeError, match=r"Received: target=.*1\.0.* of type"):
+        kgrad.grad(_model(), np.ones((2, 3), "float32"), target=np.float32(1.0))
