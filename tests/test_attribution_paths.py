@@ -154,3 +154,25 @@ def test_a_grown_model_gets_its_new_output_size(rng):
     k1, k2 = (np_(layer.kernel) for layer in model.layers)
     got = np_(A.saliency(model, x, target=np.array([-1, 0]), abs=False))
     np.testing.assert_allclose(got, np.stack([k1 @ k2[:, -1], k1 @ k2[:, 0]]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [None, "act", "conv"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested backbone"])
+def test_gradcam_refuses_a_model_with_channels_first_activations(layer, nested, rng):
+    # The Activation has no data_format of its own, but its output has channels
+    # on axis 1 like the convolution's: Grad-CAM would average a spatial axis.
+    L = keras.layers
+    inp = keras.Input((3, 8, 8))
+    h = L.Conv2D(4, 3, data_format="channels_first", name="conv")(inp)
+    h = L.Activation("relu", name="act")(h)
+    pool = L.GlobalAveragePooling2D(data_format="channels_first")
+    if nested:
+        outer = keras.Input((3, 8, 8))
+        feats = keras.Model(inp, h, name="backbone")(outer)
+        model = keras.Model(outer, L.Dense(2)(pool(feats)))
+        layer = None if layer is None else f"backbone/{layer}"
+    else:
+        model = keras.Model(inp, L.Dense(2)(pool(h)))
+    x = rng.normal(size=(2, 3, 8, 8)).astype("float32")
+    with pytest.raises(ValueError, match=r"channels_first.*Received: layer="):
+        A.gradcam(model, x, target=0, layer=layer)

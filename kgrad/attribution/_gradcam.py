@@ -161,22 +161,25 @@ def _linear(cam, axis: int, n_in: int, n_out: int):
 
 def _pick_layer(model, x, layer: Any) -> str:
     """The qualified name of ``layer``, or of the last layer with a spatial output."""
+    firsts = [
+        sub.name
+        for sub in model._flatten_layers(include_self=False)
+        if getattr(sub, "data_format", None) == "channels_first"
+    ]
+    if firsts:  # their outputs, and those of the layers after them, have channels on axis 1
+        raise ValueError(
+            f"Grad-CAM reads channels from the last axis, but model {model.name!r} has "
+            f"layers with data_format='channels_first' ({', '.join(firsts[:4])}), so its "
+            f"activations have channels on axis 1. Received: layer={layer!r}. Build the "
+            f"model with channels_last (the Keras default) to use Grad-CAM."
+        )
     if layer is not None:
-        chosen = _layers.resolve_one(model, layer, "layer")
-        if getattr(chosen, "data_format", "channels_last") == "channels_first":
-            raise ValueError(
-                f"Grad-CAM reads channels from the last axis, but layer {chosen.name!r} uses "
-                f"data_format='channels_first'. Received: layer={layer!r}. Build the model "
-                f"with channels_last, or pick a layer whose output has channels last."
-            )
-        return _layers.key(model, chosen)
+        return _layers.key(model, _layers.resolve_one(model, layer, "layer"))
     rank = len(tree.flatten(x)[0].shape)
     shapes = _output_ranks(model, x)
     for candidate in reversed(list(model.layers)):
         r = shapes.get(id(candidate))
         if r is None or r < 3 or (rank >= 3 and r != rank):
-            continue
-        if getattr(candidate, "data_format", "channels_last") == "channels_first":
             continue
         return _layers.key(model, candidate)
     raise ValueError(
