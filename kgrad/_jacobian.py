@@ -164,5 +164,16 @@ def _jacobian(req: _engine.Request, arrays, options):
             if out is None:
                 out, pullback = func.vjp(selected, struct)
             jacs = _jac.pytree_jacrev(out, pullback, struct, batched, chunk_size)
+        # Forward mode gives the output's dtype (float16 under mixed precision);
+        # every Jacobian comes back in the dtype of what it is taken with respect to.
+        jacs = [_as_dtype_of(j, leaf) for j, leaf in zip(jacs, leaves)]
         per_kind[kind] = tree.pack_sequence_as(struct, jacs)
     return _result(req, per_kind)
+
+
+def _as_dtype_of(t, like):
+    """``t`` cast to ``like``'s float dtype, where they differ."""
+    dtype = keras.backend.standardize_dtype(like.dtype)
+    if "float" not in dtype or keras.backend.standardize_dtype(t.dtype) == dtype:
+        return t
+    return ops.cast(t, dtype)

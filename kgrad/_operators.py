@@ -40,7 +40,29 @@ def _call(fname, body, model, arrays, options, finish=None, draw=None):
         pos = _args.resolve_input(model, arrays["x"], options["input"], fname)
         leaf = tree.flatten(arrays["x"])[pos]
         arrays = {**arrays, "directions": draw(tuple(leaf.shape[1:]), _errors.dtype_name(leaf))}
-    return _compiled.call(fname, body, model, arrays, options, finish=finish)
+    return _compiled.call(fname, _in_input_dtype(body), model, arrays, options, finish=finish)
+
+
+def _in_input_dtype(body):
+    """``body`` whose results come in the dtype of the input differentiated.
+
+    Under mixed precision the model computes in float16 or bfloat16, and so do
+    forward-mode derivatives; derivatives come back in the dtype of what they
+    are taken with respect to, as reverse mode gives them.
+    """
+
+    def wrapped(req, arrays, options):
+        out = body(req, arrays, options)
+        leaf = tree.flatten(req.x)[_args.resolve_input(req.model, req.x, options["input"], "")]
+        dtype = keras.backend.standardize_dtype(leaf.dtype)
+        if "float" not in dtype:
+            return out
+        name_of = keras.backend.standardize_dtype
+        return tree.map_structure(
+            lambda t: t if name_of(t.dtype) == dtype else ops.cast(t, dtype), out
+        )
+
+    return wrapped
 
 
 def _call_trace(fname, body, model, x, options, method, samples, seed):
@@ -253,12 +275,13 @@ def _divergence(req, arrays, options):
     if options["method"] == "stochastic":
         tangents = _taylor.broadcast(ops.cast(arrays["directions"], x.dtype), x)
         jv = _jac.batched_map(_taylor.first_along(g, x), tangents)  # (S, B, *feat)
-        return ops.mean(ops.sum(jv * tangents, axis=axes), axis=0)
+        return ops.mean(ops.sum(jv * ops.cast(tangents, jv.dtype), axis=axes), axis=0)
     total = None
     for dirs in _feature_chunks(x):
         tangents = _taylor.broadcast(dirs, x)  # (c, B, *feat)
         cols = _jac.batched_map(_taylor.first_along(g, x), tangents)  # (c, B, *feat)
-        part = ops.sum(cols * tangents, axis=(0, *axes))
+        # Under mixed precision `cols` has the compute dtype (float16), `tangents` x's.
+        part = ops.sum(cols * ops.cast(tangents, cols.dtype), axis=(0, *axes))
         total = part if total is None else total + part
     return total
 

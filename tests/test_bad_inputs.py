@@ -464,6 +464,24 @@ def test_mixed_precision_dtypes_and_tolerance(policy, tol):
     assert _rel(g, kgrad.grad(reference, x)) < tol
     assert _rel(kgrad.jacobian(model, x), kgrad.jacobian(reference, x)) < tol
     assert _rel(kgrad.hessian(model, x, target=0), kgrad.hessian(reference, x, target=0)) < tol
+    # Forward mode and the operators too (forward mode carries the compute dtype).
+    v = np.ones((8, 3), "float32")
+    pairs = {
+        "jacobian fwd": lambda m: kgrad.jacobian(m, x, mode="fwd"),
+        "laplacian": lambda m: kgrad.laplacian(m, x),
+        "partial": lambda m: kgrad.partial(m, x, (0, 1)),
+        "divergence": lambda m: kgrad.divergence(
+            keras.Sequential([keras.Input((3,)), L.Dense(3, activation="tanh")]), x
+        ),
+        "taylor": lambda m: kgrad.taylor(m, x, v, 2)[2],
+    }
+    for name, f in pairs.items():
+        got = f(model)
+        assert kgrad._errors.dtype_name(got) == "float32", name
+        if name != "divergence":  # its model is built under each policy with other weights
+            assert _rel(got, f(reference)) < tol, name
+    jw = kgrad.jacobian(model, x, wrt="weights", mode="fwd")
+    assert {kgrad._errors.dtype_name(t) for t in jw.values()} == {"float32"}
     wg = kgrad.grad(model, x, wrt="weights", y=Y.repeat(2, 0), loss="mse")
     wr = kgrad.grad(reference, x, wrt="weights", y=Y.repeat(2, 0), loss="mse")
     for k in wr:
