@@ -9,20 +9,18 @@ exactly the one it differentiates (the loss, or the sum of the
 Steps and tolerances follow the precision the backend actually computes at,
 which is not always the dtype: Keras runs some float64 operations (``ops.mean``,
 layer normalisation) at float32 on some backends. For float64 values this is
-measured once per model and request (``_measured_precision``).
+measured once per model and request (``kgrad._precision``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import threading
-import weakref
 
 import keras
 import numpy as np
 
-from kgrad import _checks, _engine, _errors, api
+from kgrad import _checks, _engine, _errors, _precision, api
 from kgrad import backends as _backends
 
 tree = keras.tree
@@ -55,7 +53,8 @@ class GradCheck:
             tolerances were chosen for: the dtype of the checked values, or
             ``"float32"`` for float64 values when the objective is measured to
             be computed at float32 precision (Keras runs some float64
-            operations at float32 on some backends).
+            operations at float32 on some backends), or the lowest
+            ``compute_dtype`` of the model's layers under mixed precision.
 
     Example:
 
@@ -87,6 +86,13 @@ class GradCheck:
             f"(eps={self.eps:g}, rtol={self.rtol:g}, atol={self.atol:.3g}, {self.precision} "
             f"precision); worst: {self.worst}"
         )
+
+
+def _as_float(t) -> float:
+    """A scalar tensor as a Python float (16-bit floats through float32, which NumPy reads)."""
+    if _errors.dtype_name(t) in ("float16", "bfloat16"):
+        t = keras.ops.cast(t, "float32")
+    return float(keras.ops.convert_to_numpy(t))
 
 
 def _no_grad():
@@ -133,7 +139,9 @@ def check_grad(
     using the gradient: the objective's rounding noise, from fourth differences
     along three seeded random lines (relative step ``1e-5``), must stay below
     ``1e-11`` of its value for float64 precision to be assumed; otherwise
-    float32 is. ``GradCheck.precision`` says which precision was assumed.
+    float32 is. Under mixed precision (layers whose ``compute_dtype`` is
+    float16 or bfloat16), the lowest precision any layer computes at is
+    assumed. ``GradCheck.precision`` says which precision was assumed.
     The default ``atol`` is ``rtol / 10`` times the largest difference quotient plus
     the rounding noise of the objective, ``10 * machine_eps * |f| / h``.
 
@@ -191,21 +199,22 @@ def check_grad(
         for kind, n in zip(req.wrt, counts):
             new_args[kind] = tree.pack_sequence_as(args[kind], flat[start : start + n])
             start += n
-        return float(keras.ops.convert_to_numpy(req.objective(new_args)))
+        return _as_float(req.objective(new_args))
 
     dtype = _errors.dtype_name(values[0])
     grads_np = [np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float64) for g in grads]
     values_np = [np.asarray(keras.ops.convert_to_numpy(v)) for v in values]
-    precision = _measured_precision(
+    precision = _precision.measured_precision(
         req, dtype, objective_of, values_np, (layers, of, target, loss, training)
     )
+    precision = _precision.computed_at(req.model, precision)
     d_eps, d_rtol = _DEFAULTS.get(precision, _DEFAULTS["float32"])
     eps = d_eps if eps is None else float(eps)
     rtol = d_rtol if rtol is None else float(rtol)
     machine_eps = float(np.finfo(np.float16 if "16" in precision else precision).eps)
 
     with _no_grad():
-        f0 = float(keras.ops.convert_to_numpy(req.objective(args)))
+        f0 = _as_float(req.objective(args))
     entries = _choose_entries(grads_np, max_entries, seed)
     total = sum(g.size for g in grads_np)
 
@@ -293,87 +302,3 @@ def _per_kind(req: _engine.Request, result) -> dict:
     if "activations" in out and req.single_layer:
         out["activations"] = {req.act_names[0]: out["activations"]}
     return out
-
-
-# The precision probe: the objective at five points on a line through the values,
-# ``v + k * step * max(1, |v|) * s`` for k = -2..2 and a seeded random direction
-# ``s``, in a few directions. The fourth difference of five values cancels every
-# term of the objective's Taylor series up to the cubic one, so what is left is
-# rounding noise (truncation is about step^4 = 1e-20 of the objective's scale).
-# The step is above float32 resolution, so a perturbation survives a cast to
-# float32 on the way. Float64 computation leaves noise of about 1e-15 of |f|,
-# float32 computation about 1e-7; the threshold lies between with margins of
-# 1e4 on both sides.
-_PROBE_STEP = 1e-5
-_PROBE_DIRECTIONS = 3
-_PROBE_NOISE = 1e-11
-# Norm of the fourth difference's coefficients (1, -4, 6, -4, 1).
-_FOURTH = math.sqrt(70.0)
-
-_precision_lock = threading.Lock()
-_precision_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _key(value):
-    """A hashable stand-in for the options (objects by identity), or raises TypeError."""
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(_key, value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _key(v)) for k, v in value.items()))
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return (type(value).__name__, value)
-    hash(value)  # arrays raise TypeError: the verdict is then not cached
-    return ("object", id(value), value)
-
-
-def _measured_precision(req, dtype, objective_of, values_np, options) -> str:
-    """The precision the objective is computed at, for float64 values; else ``dtype``.
-
-    Measures the objective's rounding noise with fourth differences along a few
-    seeded random lines (see ``_PROBE_STEP``); the gradient is not used, so a
-    wrong gradient cannot loosen the tolerances it is checked with. The verdict
-    is cached per model and request (``wrt``, dtype and the other options).
-    """
-    if dtype != "float64":
-        return dtype
-    try:
-        key = (tuple(req.wrt), dtype, req.y is not None, _key(options))
-        with _precision_lock:
-            cached = _precision_cache.get(req.model, {}).get(key)
-    except TypeError:  # an unhashable option, or a model that cannot be weakly referenced
-        key, cached = None, None
-    if cached is not None:
-        return cached
-    rng = np.random.default_rng(0)
-    noise, seen = 0.0, []
-    with _no_grad():
-        center = objective_of([keras.ops.convert_to_tensor(v, dtype=dtype) for v in values_np])
-        for _ in range(_PROBE_DIRECTIONS):
-            steps = [
-                _PROBE_STEP * np.maximum(1.0, np.abs(v)) * rng.standard_normal(v.shape)
-                for v in values_np
-            ]
-            f = {0: center}
-            for k in (-2, -1, 1, 2):
-                f[k] = objective_of(
-                    [
-                        keras.ops.convert_to_tensor(v + k * d, dtype=dtype)
-                        for v, d in zip(values_np, steps)
-                    ]
-                )
-            fourth = f[-2] - 4 * f[-1] + 6 * f[0] - 4 * f[1] + f[2]
-            noise = max(noise, abs(fourth) / _FOURTH)
-            seen.extend(f.values())
-    scale = max(map(abs, seen))
-    if not (math.isfinite(noise) and math.isfinite(scale)):
-        return dtype  # NaN or Inf: the check itself reports it
-    # Every value a float32 number: the objective was rounded to float32 at the end.
-    rounded = scale > 0 and all(float(np.float32(v)) == v for v in seen)
-    precision = "float32" if rounded or noise > _PROBE_NOISE * scale else dtype
-    if key is not None:
-        try:
-            with _precision_lock:
-                _precision_cache.setdefault(req.model, {})[key] = precision
-        except TypeError:
-            pass
-    return precision

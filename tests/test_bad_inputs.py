@@ -482,6 +482,10 @@ def test_mixed_precision_dtypes_and_tolerance(policy, tol):
             assert _rel(got, f(reference)) < tol, name
     jw = kgrad.jacobian(model, x, wrt="weights", mode="fwd")
     assert {kgrad._errors.dtype_name(t) for t in jw.values()} == {"float32"}
+    # check_grad steps and tolerances follow the compute dtype, not x's float32.
+    for kw in ({}, dict(wrt="weights", y=Y.repeat(2, 0), loss="mse")):
+        result = kgrad.check_grad(model, x, **kw)
+        assert result.precision == compute and result.ok, result
     wg = kgrad.grad(model, x, wrt="weights", y=Y.repeat(2, 0), loss="mse")
     wr = kgrad.grad(reference, x, wrt="weights", y=Y.repeat(2, 0), loss="mse")
     for k in wr:
