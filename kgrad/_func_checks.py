@@ -90,3 +90,36 @@ def _mapped(backend, f: Callable, in_axes: Any, out_axes: Any, randomness: str) 
         f"argument instead (e.g. `keras.random.normal(shape, seed=seed_i)`), or use "
         f"randomness='same'."
     )
+
+
+def _check_mapped_axes(args: tuple, in_axes: Any) -> None:
+    """``vmap``'s arguments against ``in_axes``, with the same message on every backend."""
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    if len(axes) != len(args):
+        raise ValueError(
+            f"vmap in_axes must have one entry per positional argument. "
+            f"Received: in_axes={in_axes!r} for {len(args)} arguments."
+        )
+    sizes = set()
+    for a, ax in zip(args, axes):
+        if ax is None:
+            continue
+        leaves = _tree.flatten(a)
+        leaf_axes = [ax] * len(leaves) if isinstance(ax, int) else _tree.flatten(ax)
+        if len(leaf_axes) != len(leaves):
+            continue  # a structure the backend's own vmap reports on
+        for leaf, leaf_ax in zip(leaves, leaf_axes):
+            shape = getattr(leaf, "shape", None)
+            if (
+                not isinstance(leaf_ax, int)
+                or shape is None
+                or not -len(shape) <= leaf_ax < len(shape)
+            ):
+                continue
+            if shape[leaf_ax] is not None:
+                sizes.add(int(shape[leaf_ax]))
+    if len(sizes) > 1:
+        raise ValueError(
+            f"vmap got inconsistent sizes for the mapped axes. Received sizes: "
+            f"{sorted(sizes)}. Make every mapped axis the same length."
+        )

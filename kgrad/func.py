@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kgrad import _errors, _model
+from kgrad import _errors, _func_checks, _model
 from kgrad import backends as _backends
 from kgrad._func_checks import _checked_output, _convert_tree, _differentiate, _mapped
 
@@ -304,6 +304,7 @@ def vmap(f: Callable, in_axes: Any = 0, out_axes: Any = 0, randomness: str = "sa
             lambda a: backend.convert(a) if isinstance(a, (np.ndarray, np.generic)) else a,
             args,
         )
+        _func_checks._check_mapped_axes(args, in_axes)
         return mapped(*args)
 
     return call

@@ -336,3 +336,16 @@ def test_vmap_randomness_different_or_a_clear_error():
             mapped()
     with pytest.raises(ValueError, match="Received: randomness='sam'.*same"):
         func.vmap(lambda r: r, randomness="sam")
+
+
+def test_vmap_misuse_gets_the_same_message_on_every_backend():
+    x5, x4 = ops.ones((5, 3)), ops.ones((4, 3))
+    with pytest.raises(ValueError, match=r"inconsistent sizes.*Received sizes: \[4, 5\]"):
+        func.vmap(lambda u, v: u + v)(x5, x4)
+    with pytest.raises(ValueError, match=r"Received sizes: \[3, 5\]"):  # axis 1 of the second
+        func.vmap(lambda u, v: u + v[0], in_axes=(0, 1))(x5, ops.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"one entry per positional argument. Received: in_axes"):
+        func.vmap(lambda u: u, in_axes=(0, 0))(x5)
+    # Unmapped (None) arguments and matching sizes pass.
+    out = func.vmap(lambda u, c: u * c, in_axes=(0, None))(x5, ops.ones((3,)))
+    assert tuple(out.shape) == (5, 3)
