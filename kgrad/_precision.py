@@ -22,7 +22,7 @@ _EPS = {"float64": 2.2e-16, "float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.
 
 
 def computed_at(model, precision: str) -> str:
-    """The lowest of ``precision`` and the ``compute_dtype`` s of the model's layers.
+    """The lowest of ``precision`` and the 16-bit ``compute_dtype`` s of the model's layers.
 
     Under mixed precision (``mixed_float16``) a model computes in float16 on
     float32 inputs and weights, and differences of its objective have float16's
@@ -31,8 +31,11 @@ def computed_at(model, precision: str) -> str:
     layers = getattr(model, "_flatten_layers", None)
     if layers is None:  # a plain function: the values' precision
         return precision
-    dtypes = {getattr(layer, "compute_dtype", None) for layer in layers()} | {precision}
-    return max((d for d in dtypes if d in _EPS), key=_EPS.get, default=precision)
+    # Only 16-bit compute dtypes lower it: a float64 model's container (the
+    # Sequential itself, its InputLayer) may say float32 while its layers compute
+    # in float64, which `measured_precision` finds out.
+    low = {getattr(layer, "compute_dtype", None) for layer in layers()} & {"float16", "bfloat16"}
+    return max(low | {precision}, key=lambda d: _EPS.get(d, 0.0))
 
 
 # The precision probe: the objective at five points on a line through the values,
