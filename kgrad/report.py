@@ -22,7 +22,8 @@ tree = keras.tree
 
 # Default thresholds on L2 gradient norms (over the batch). A layer is flagged
 # "exploding" when any of its gradient norms exceeds EXPLODING, "vanishing"
-# when all of them are below VANISHING (a dead ReLU layer has exactly zero).
+# when all its weight-gradient norms (a weightless layer: its output-gradient
+# norm) are below VANISHING (a dead ReLU layer's are exactly zero).
 EXPLODING = 1e3
 VANISHING = 1e-7
 
@@ -247,7 +248,10 @@ def _stats(lg: api.LayerGrad, exploding: float, vanishing: float) -> LayerStats:
     flags = []
     if any(v > exploding for v in norms if not math.isnan(v)):
         flags.append("exploding")
-    if norms and all(v < vanishing for v in norms):
+    # What reaches the layer's weights (a dead ReLU layer's are exactly zero, while
+    # its output gradient, from the layers after it, is not); a weightless layer's output.
+    reaching = list(wn.values()) if wn else [v for v in [og] if v is not None]
+    if reaching and all(v < vanishing for v in reaching):
         flags.append("vanishing")
     if nan:
         flags.append("nan")
@@ -283,7 +287,8 @@ def grad_report(
         target: index or callable selecting outputs when there is no loss.
         training: passed to the layers.
         exploding: flag a layer when any of its gradient norms exceeds this.
-        vanishing: flag a layer when all of its gradient norms are below this.
+        vanishing: flag a layer when all of its weight-gradient norms (a
+            weightless layer: its output-gradient norm) are below this.
 
     Returns:
         A :class:`GradReport`.

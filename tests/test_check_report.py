@@ -229,6 +229,23 @@ def test_grad_report_flags_an_exploding_network(rng):
     assert healthy.flagged == {}
 
 
+def test_grad_report_flags_a_dead_relu_layer_as_vanishing(rng):
+    # Bias -100: the ReLU is off for every sample, so d loss / d (kernel, bias) is
+    # exactly zero, while the gradient of its output (through "o") is not.
+    dead = keras.initializers.Constant(-100.0)
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            L.Dense(3, activation="relu", bias_initializer=dead, name="r"),
+            L.Dense(1, name="o"),
+        ]
+    )
+    rep = kgrad.grad_report(model, rng.normal(size=(4, 2)).astype("float32"))
+    assert rep.layers["r"].weight_grad_norm == 0.0
+    assert rep.layers["r"].output_grad_norm > 0.0
+    assert rep.flagged == {"r": ("vanishing",)}
+
+
 def test_grad_report_counts_nan_and_keeps_it(rng):
     model = keras.Sequential(
         [keras.Input((2,)), L.Dense(3, name="d"), L.Lambda(ops.log, name="log"), L.Dense(1)]
