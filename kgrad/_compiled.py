@@ -220,7 +220,9 @@ def call(
     """
     target = options.get("target")
     if target is not None and type(target) is not int:  # np.int64(3) is 3
-        options = {**options, "target": _checks.normalize_target(target)}
+        normalized = _checks.normalize_target(target)
+        if normalized is not target:
+            options = {**options, "target": normalized}
     if _batches.is_batches(arrays.get("x")):  # a dataset or an iterable of batches
         return _batches.run(
             fname, lambda a: call(fname, body, model, a, options, finish), model, arrays, options

@@ -115,8 +115,8 @@ def _stored(variable):
 
     Keras's JAX trainer empties the variables while ``fit`` runs (the state
     lives in the trainer), and a TensorFlow model built inside ``fit``'s traced
-    step has variables that are not initialised yet; whether samples interact is a property of the
-    computation, not of particular weight values.
+    step has variables that are not initialised yet; whether samples interact
+    is a property of the computation, not of particular weight values.
     """
     value = variable._value
     if value is not None and _backends.hook("initialized")(value):

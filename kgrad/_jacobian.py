@@ -5,7 +5,13 @@ from __future__ import annotations
 import keras
 
 from kgrad import _compiled, _engine, _errors, _jac, _memory, func
-from kgrad._results import _check_batch_first, _itemsize, _output_for_shape, _result
+from kgrad._results import (
+    _as_dtype_of,
+    _check_batch_first,
+    _itemsize,
+    _output_for_shape,
+    _result,
+)
 
 ops = keras.ops
 tree = keras.tree
@@ -169,11 +175,3 @@ def _jacobian(req: _engine.Request, arrays, options):
         jacs = [_as_dtype_of(j, leaf) for j, leaf in zip(jacs, leaves)]
         per_kind[kind] = tree.pack_sequence_as(struct, jacs)
     return _result(req, per_kind)
-
-
-def _as_dtype_of(t, like):
-    """``t`` cast to ``like``'s float dtype, where they differ."""
-    dtype = keras.backend.standardize_dtype(like.dtype)
-    if "float" not in dtype or keras.backend.standardize_dtype(t.dtype) == dtype:
-        return t
-    return ops.cast(t, dtype)

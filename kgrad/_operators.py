@@ -15,7 +15,7 @@ import keras
 
 from kgrad import _batches, _compiled, _engine, _errors, _forward_laplacian, _jac, _taylor
 from kgrad import _operator_args as _args
-from kgrad._results import _check_batch_first, _output_for_shape, _reorder
+from kgrad._results import _as_dtype_of, _check_batch_first, _output_for_shape, _reorder
 
 ops = keras.ops
 tree = keras.tree
@@ -40,27 +40,22 @@ def _call(fname, body, model, arrays, options, finish=None, draw=None):
         pos = _args.resolve_input(model, arrays["x"], options["input"], fname)
         leaf = tree.flatten(arrays["x"])[pos]
         arrays = {**arrays, "directions": draw(tuple(leaf.shape[1:]), _errors.dtype_name(leaf))}
-    return _compiled.call(fname, _in_input_dtype(body), model, arrays, options, finish=finish)
+    return _compiled.call(
+        fname, _in_input_dtype(fname, body), model, arrays, options, finish=finish
+    )
 
 
-def _in_input_dtype(body):
+def _in_input_dtype(fname, body):
     """``body`` whose results come in the dtype of the input differentiated.
 
     Under mixed precision the model computes in float16 or bfloat16, and so do
-    forward-mode derivatives; derivatives come back in the dtype of what they
-    are taken with respect to, as reverse mode gives them.
+    forward-mode derivatives (see ``_results._as_dtype_of``).
     """
 
     def wrapped(req, arrays, options):
         out = body(req, arrays, options)
-        leaf = tree.flatten(req.x)[_args.resolve_input(req.model, req.x, options["input"], "")]
-        dtype = keras.backend.standardize_dtype(leaf.dtype)
-        if "float" not in dtype:
-            return out
-        name_of = keras.backend.standardize_dtype
-        return tree.map_structure(
-            lambda t: t if name_of(t.dtype) == dtype else ops.cast(t, dtype), out
-        )
+        leaf = tree.flatten(req.x)[_args.resolve_input(req.model, req.x, options["input"], fname)]
+        return tree.map_structure(lambda t: _as_dtype_of(t, leaf), out)
 
     return wrapped
 

@@ -96,3 +96,16 @@ def _objective_check(req: _engine.Request):
             "Input and activation gradients without a loss",
             "give a `loss` (the gradient of the batch loss is well defined)",
         )
+
+
+def _as_dtype_of(t, like):
+    """``t`` cast to ``like``'s float dtype, where they differ.
+
+    Forward-mode derivatives come in the output's dtype (float16 under mixed
+    precision); kgrad returns every derivative in the dtype of what it is taken
+    with respect to, as reverse mode gives it.
+    """
+    dtype = keras.backend.standardize_dtype(like.dtype)
+    if "float" not in dtype or keras.backend.standardize_dtype(t.dtype) == dtype:
+        return t
+    return keras.ops.cast(t, dtype)

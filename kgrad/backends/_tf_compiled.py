@@ -6,9 +6,9 @@ backend (``kgrad.backends.tensorflow``).
 
 from __future__ import annotations
 
-import operator
-
 import tensorflow as tf
+
+from kgrad._spec import _same
 
 
 class _Call:
@@ -53,9 +53,9 @@ class _Compiled:
         self._captured = None  # (variables, concrete function of `arrays`)
 
     def __call__(self, state, arrays):
-        if all(isinstance(s, tf.Variable) for s in state):
-            return self._call_captured(state, arrays)
         kind = tuple(isinstance(s, tf.Variable) for s in state)
+        if all(kind):
+            return self._call_captured(state, arrays)
         concrete = self._concrete.get(kind)
         if concrete is None:
             concrete = self._concrete[kind] = self._poly.get_concrete_function(state, arrays)
@@ -63,7 +63,7 @@ class _Compiled:
 
     def _call_captured(self, state, arrays):
         held = self._captured
-        if held is None or len(held[0]) != len(state) or not all(map(operator.is_, held[0], state)):
+        if held is None or not _same(held[0], state):
             variables = tuple(state)
             f = self._f
             fn = tf.function(

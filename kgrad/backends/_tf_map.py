@@ -47,12 +47,9 @@ def vmap(f, in_axes=0, out_axes=0):
 
     @functools.wraps(f)
     def wrapped(*args):
+        # `kgrad.func.vmap` has checked `in_axes` against `args`, and the sizes of
+        # the mapped axes of tensors (`_func_checks._check_mapped_axes`).
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
-        if len(axes) != len(args):
-            raise ValueError(
-                f"vmap in_axes must have one entry per positional argument. "
-                f"Received: in_axes={in_axes!r} for {len(args)} arguments."
-            )
         mapped, static = {}, {}
         for i, (a, ax) in enumerate(zip(args, axes)):
             if ax is None:
@@ -69,6 +66,7 @@ def vmap(f, in_axes=0, out_axes=0):
                     [convert(x) for x in leaves],
                 )
         elems = {i: [m for m in moved if m is not None] for i, (_, moved, _) in mapped.items()}
+        # Again after conversion: a Python list or number given as a mapped argument.
         sizes = {
             int(x.shape[0]) for group in elems.values() for x in group if x.shape[0] is not None
         }
